@@ -1,0 +1,99 @@
+"""REST endpoints: health, readiness, metrics, kiosks and readings history."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import AwareDatetime, BaseModel
+
+from api.deps import BridgeDep
+from bridge.errors import StoreError
+from vitals_contract import Metric, is_valid_kiosk_id
+
+router = APIRouter()
+
+MAX_PAGE = 1000
+
+
+class ReadingsPage(BaseModel):
+    """One page of readings in store order, with the cursor of the next page."""
+
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+@router.get("/health", tags=["operations"])
+def health() -> dict[str, str]:
+    """Say the process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", tags=["operations"])
+def ready(bridge: BridgeDep, response: Response) -> dict[str, Any]:
+    """Say whether the database answers and the broker is connected."""
+    checks = {"database": True, "broker": bridge.ingest.connected.is_set()}
+    try:
+        bridge.store.ping()
+    except StoreError:
+        checks["database"] = False
+    ok = all(checks.values())
+    if not ok:
+        response.status_code = 503
+    return {"status": "ready" if ok else "not ready", "checks": checks}
+
+
+@router.get("/metrics", tags=["operations"], response_class=Response)
+def metrics(bridge: BridgeDep) -> Response:
+    """Expose Prometheus metrics."""
+    bridge.metrics.ws_clients.set(len(bridge.hub))
+    return Response(
+        generate_latest(bridge.metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )
+
+
+@router.get("/api/v1/kiosks", tags=["kiosks"])
+def list_kiosks(bridge: BridgeDep) -> list[dict[str, Any]]:
+    """List known kiosks with their state and delivery mark."""
+    try:
+        return bridge.store.kiosks()
+    except StoreError as exc:
+        raise HTTPException(503, "database unavailable") from exc
+
+
+@router.get("/api/v1/readings", tags=["readings"])
+def list_readings(
+    bridge: BridgeDep,
+    kiosk_id: Annotated[
+        list[str] | None, Query(description="Repeat to select several kiosks.")
+    ] = None,
+    metric: Annotated[list[Metric] | None, Query()] = None,
+    since: Annotated[
+        AwareDatetime | None, Query(description="measured_at >= since")
+    ] = None,
+    until: Annotated[
+        AwareDatetime | None, Query(description="measured_at < until")
+    ] = None,
+    cursor: Annotated[
+        str | None, Query(pattern=r"^\d{1,19}$", description="next_cursor of a page")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+) -> ReadingsPage:
+    """Return readings in store order, filtered, one page at a time."""
+    for k in kiosk_id or ():
+        if not is_valid_kiosk_id(k):
+            raise HTTPException(422, "invalid kiosk_id")
+    try:
+        rows = bridge.store.readings(
+            kiosk_ids=kiosk_id,
+            metrics=[m.value for m in metric] if metric else None,
+            since=since,
+            until=until,
+            after_id=int(cursor) if cursor else None,
+            limit=limit,
+        )
+    except StoreError as exc:
+        raise HTTPException(503, "database unavailable") from exc
+    next_cursor = str(rows[-1].id) if len(rows) == limit else None
+    return ReadingsPage(items=[r.to_json() for r in rows], next_cursor=next_cursor)

@@ -1,0 +1,63 @@
+"""The embedded amqtt broker (MQTT 3.1.1), started by our own command.
+
+Its configuration lives in ``broker_config/``; the listener address given on the
+command line replaces the file's, so the demo can move off a port that is taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from pathlib import Path
+from typing import Any
+
+import yaml
+from amqtt.broker import Broker
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = (
+    Path(__file__).resolve().parent.parent / "broker_config" / "amqtt-demo.yaml"
+)
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Tell whether ``host:port`` can be bound right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Ask the OS for a port that is free on ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def load_config(path: Path, host: str, port: int) -> dict[str, Any]:
+    """Read an amqtt YAML config and bind its default TCP listener to host:port."""
+    with path.open() as fh:
+        config: dict[str, Any] = yaml.safe_load(fh) or {}
+    listeners = config.setdefault("listeners", {})
+    default = listeners.setdefault("default", {"type": "tcp"})
+    default["bind"] = f"{host}:{port}"
+    return config
+
+
+async def serve(config: dict[str, Any], stop: asyncio.Event) -> None:
+    """Run the broker until ``stop`` is set."""
+    broker = Broker(config)
+    await broker.start()
+    log.info("amqtt broker listening on %s", config["listeners"]["default"]["bind"])
+    try:
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await broker.shutdown()
+        log.info("amqtt broker stopped")

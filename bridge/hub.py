@@ -1,0 +1,125 @@
+"""Live fan-out of readings, kiosk status and alerts to WebSocket clients.
+
+Each client has a bounded queue. When a client falls so far behind that its queue is
+full, it is cut off with :data:`CLOSE_SLOW_CONSUMER` rather than slowing the others;
+it may reconnect and resume from the last ``id`` it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.store import StoredReading
+
+log = logging.getLogger(__name__)
+
+# WebSocket close codes (4000-4999 are free for applications).
+CLOSE_SLOW_CONSUMER = 4008
+CLOSE_BAD_REQUEST = 4400
+
+
+@dataclass(slots=True)
+class Subscription:
+    """What a client wants; ``None`` means everything."""
+
+    kiosks: frozenset[str] | None = None
+    metrics: frozenset[str] | None = None
+    status: bool = True
+    alerts: bool = True
+
+    def wants_reading(self, r: StoredReading) -> bool:
+        """Tell whether reading ``r`` matches."""
+        return (self.kiosks is None or r.kiosk_id in self.kiosks) and (
+            self.metrics is None or r.metric in self.metrics
+        )
+
+    def wants_kiosk(self, kiosk_id: str) -> bool:
+        """Tell whether events of ``kiosk_id`` match."""
+        return self.kiosks is None or kiosk_id in self.kiosks
+
+
+@dataclass(eq=False, slots=True)
+class HubClient:
+    """One connected client: its filter, its queue and why it was dropped."""
+
+    number: int
+    queue: asyncio.Queue[dict[str, Any]]
+    subscription: Subscription | None = None
+    dropped: asyncio.Event = field(default_factory=asyncio.Event)
+    # Readings at or below this id were already sent by a replay.
+    replayed_through: int = 0
+
+    def offer(self, message: dict[str, Any]) -> bool:
+        """Queue ``message``; on overflow mark the client dropped and say False."""
+        if self.dropped.is_set():
+            return False
+        try:
+            self.queue.put_nowait(message)
+        except asyncio.QueueFull:
+            self.dropped.set()
+            return False
+        return True
+
+
+class Hub:
+    """Registry of live clients; every method runs on the event loop."""
+
+    def __init__(self, queue_size: int) -> None:
+        self._queue_size = queue_size
+        self._clients: set[HubClient] = set()
+        self._numbers = itertools.count(1)
+        self.delivered = 0
+        self.dropped_clients = 0
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def register(self) -> HubClient:
+        """Add a client; it receives nothing until it subscribes."""
+        client = HubClient(next(self._numbers), asyncio.Queue(self._queue_size))
+        self._clients.add(client)
+        log.info("ws client %d joined (%d connected)", client.number, len(self))
+        return client
+
+    def unregister(self, client: HubClient) -> None:
+        """Remove a client."""
+        self._clients.discard(client)
+        log.info("ws client %d left (%d connected)", client.number, len(self))
+
+    def publish_readings(self, readings: Iterable[StoredReading]) -> None:
+        """Offer each reading to every subscribed client that wants it."""
+        batch = list(readings)
+        for client in list(self._clients):
+            sub = client.subscription
+            if sub is None:
+                continue
+            for r in batch:
+                if sub.wants_reading(r) and not self._offer(
+                    client, {"type": "reading", **r.to_json()}
+                ):
+                    break
+
+    def publish_event(self, kind: str, kiosk_id: str, body: dict[str, Any]) -> None:
+        """Offer a status or alert message about ``kiosk_id``."""
+        message = {"type": kind, "kiosk_id": kiosk_id, **body}
+        for client in list(self._clients):
+            sub = client.subscription
+            if sub is None or not sub.wants_kiosk(kiosk_id):
+                continue
+            if (kind == "status" and sub.status) or (kind == "alert" and sub.alerts):
+                self._offer(client, message)
+
+    def _offer(self, client: HubClient, message: dict[str, Any]) -> bool:
+        if client.offer(message):
+            self.delivered += 1
+            return True
+        if client in self._clients:
+            self.dropped_clients += 1
+            log.warning("ws client %d too slow; disconnecting", client.number)
+            self._clients.discard(client)
+        return False

@@ -1,0 +1,318 @@
+"""MQTT ingest: validate, commit in batches, then acknowledge and confirm.
+
+The order inside one step is the delivery guarantee:
+
+1. messages are validated; bad ones become dead letters in the same batch;
+2. the batch is committed in one transaction (duplicates are skipped by key);
+3. only then is each message's PUBACK sent (paho manual acknowledgement);
+4. each kiosk in the batch gets one retained confirmation of its contiguous
+   high-water mark, which lets its outbox release what is stored;
+5. new readings and status changes go to the live hub.
+
+A failed commit is retried with back-off and nothing is acknowledged meanwhile, so
+the broker redelivers whatever a crash leaves unacknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.reasoncodes import ReasonCode
+
+from bridge.config import BridgeSettings
+from bridge.errors import StoreError
+from bridge.hub import Hub
+from bridge.metrics import BridgeMetrics
+from bridge.store import Batch, BatchResult, DeadLetterIn, Store
+from vitals_contract import (
+    CommitConfirmation,
+    ContractError,
+    Heartbeat,
+    KioskStatus,
+    Leaf,
+    ScanEvent,
+    kiosk_filter,
+    kiosk_topic,
+    parse_kiosk_topic,
+    parse_payload,
+    split_readings,
+    utc_now,
+)
+from vitals_contract.mqtt import build_client, choose_protocol, connect_kwargs
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBED_LEAVES = (Leaf.READINGS, Leaf.EVENTS, Leaf.STATUS, Leaf.HEARTBEAT)
+RECONNECT_MIN_SECONDS = 0.5
+RECONNECT_MAX_SECONDS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message as paho handed it over."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    received_monotonic: float
+    generation: int  # which connection delivered it; mids restart per connection
+
+
+def add_to_batch(batch: Batch, topic: str, payload: bytes, root: str) -> None:
+    """Validate one message into ``batch``; anything invalid becomes a dead letter."""
+    parsed = parse_kiosk_topic(topic, root)
+    if parsed is None or parsed.leaf not in SUBSCRIBED_LEAVES:
+        batch.dead.append(DeadLetterIn(topic, "not a kiosk data topic", payload))
+        return
+    kiosk_id = parsed.kiosk_id
+    try:
+        if parsed.leaf is Leaf.READINGS:
+            split = split_readings(payload, kiosk_id)
+            batch.readings.extend((kiosk_id, r) for r in split.good)
+            batch.dead.extend(
+                DeadLetterIn(topic, bad.reason, payload, kiosk_id, bad.seq)
+                for bad in split.bad
+            )
+            batch.note_floor(kiosk_id, split.floor)
+            return
+        message = parse_payload(parsed.leaf, payload, kiosk_id)
+    except ContractError as exc:
+        batch.dead.append(DeadLetterIn(topic, str(exc), payload, kiosk_id))
+        return
+    if isinstance(message, ScanEvent):
+        batch.events.append(message)
+        batch.note_floor(kiosk_id, message.floor)
+    elif isinstance(message, KioskStatus | Heartbeat):
+        batch.statuses.append(message)
+
+
+class Ingest:
+    """Subscribes to every kiosk and commits what arrives; runs on one event loop."""
+
+    def __init__(
+        self,
+        settings: BridgeSettings,
+        store: Store,
+        hub: Hub,
+        metrics: BridgeMetrics,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._hub = hub
+        self._metrics = metrics
+        self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._client: mqtt.Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+        # A message id is only meaningful on the connection that delivered it; a
+        # PUBACK for a stale id would acknowledge some other, uncommitted message.
+        self._generation = 0
+        self._generation_lock = threading.Lock()
+
+    async def start(self) -> None:
+        """Connect to the broker (in the background) and start the batcher."""
+        self._loop = asyncio.get_running_loop()
+        mqtt_settings = self._settings.mqtt
+        protocol = await asyncio.to_thread(choose_protocol, mqtt_settings)
+        client = build_client(
+            mqtt_settings,
+            self._settings.ingest.client_id,
+            protocol=protocol,
+            manual_ack=True,
+        )
+        client.reconnect_delay_set(RECONNECT_MIN_SECONDS, RECONNECT_MAX_SECONDS)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.connect_async(
+            mqtt_settings.host,
+            mqtt_settings.port,
+            keepalive=mqtt_settings.keepalive_seconds,
+            **connect_kwargs(protocol),  # type: ignore[arg-type]
+        )
+        client.loop_start()
+        self._client = client
+        self._task = asyncio.create_task(self._batcher(), name="ingest[batcher]")
+
+    async def stop(self) -> None:
+        """Stop the batcher and disconnect; unacknowledged messages are redelivered."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._client is not None:
+            self._client.disconnect()
+            await asyncio.to_thread(self._client.loop_stop)
+
+    # -- paho callbacks (paho's network thread) -------------------------------
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        _userdata: object,
+        _flags: mqtt.ConnectFlags,
+        reason: ReasonCode,
+        _props: object,
+    ) -> None:
+        if reason.is_failure:
+            log.warning("broker refused connection: %s", reason)
+            return
+        with self._generation_lock:
+            self._generation += 1
+        root = self._settings.mqtt.root_topic
+        client.subscribe([(kiosk_filter(leaf, root), 1) for leaf in SUBSCRIBED_LEAVES])
+        log.info(
+            "connected to broker %s:%d, subscribed",
+            self._settings.mqtt.host,
+            self._settings.mqtt.port,
+        )
+        self._metrics.mqtt_connected.set(1)
+        self._call_soon(self.connected.set)
+
+    def _on_disconnect(
+        self,
+        _client: mqtt.Client,
+        _userdata: object,
+        _flags: object,
+        reason: ReasonCode,
+        _props: object,
+    ) -> None:
+        log.warning("disconnected from broker: %s; reconnecting", reason)
+        self._metrics.mqtt_connected.set(0)
+        self._call_soon(self.connected.clear)
+
+    def _on_message(
+        self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage
+    ) -> None:
+        delivery = Delivery(
+            msg.topic, msg.payload, msg.mid, msg.qos, time.monotonic(), self._generation
+        )
+        self._call_soon(self._inbox.put_nowait, delivery)
+
+    def _call_soon(self, fn: object, *args: object) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)  # type: ignore[arg-type]
+        except RuntimeError:
+            pass  # loop closed during shutdown; the broker will redeliver
+
+    # -- batcher (event loop) -------------------------------------------------
+
+    async def _batcher(self) -> None:
+        while True:
+            deliveries = await self._collect()
+            batch = Batch()
+            root = self._settings.mqtt.root_topic
+            for d in deliveries:
+                leaf = d.topic.rsplit("/", 1)[-1]
+                self._metrics.messages.labels(leaf).inc()
+                add_to_batch(batch, d.topic, d.payload, root)
+            result = await self._commit(batch)
+            self._acknowledge(deliveries)
+            self._confirm(result)
+            self._publish_live(batch, result)
+
+    async def _collect(self) -> list[Delivery]:
+        """Wait for one message, then take more until the size or time bound."""
+        cfg = self._settings.ingest
+        first = await self._inbox.get()
+        deliveries = [first]
+        deadline = time.monotonic() + cfg.batch_max_wait_ms / 1000
+        while len(deliveries) < cfg.batch_max_messages:
+            try:
+                deliveries.append(self._inbox.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                deliveries.append(await asyncio.wait_for(self._inbox.get(), remaining))
+            except TimeoutError:
+                break
+        return deliveries
+
+    async def _commit(self, batch: Batch) -> BatchResult:
+        """Commit ``batch``, retrying with back-off until the database takes it."""
+        delay = 0.1
+        while True:
+            started = time.perf_counter()
+            try:
+                result = await asyncio.to_thread(self._store.write_batch, batch)
+            except StoreError as exc:
+                self._metrics.commit_failures.inc()
+                log.warning("commit failed (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._settings.ingest.retry_max_seconds)
+                continue
+            self._metrics.batch_seconds.observe(time.perf_counter() - started)
+            self._metrics.readings_stored.inc(len(result.new_readings))
+            self._metrics.duplicates.inc(result.duplicates)
+            if batch.dead:
+                self._metrics.dead_letters.inc(len(batch.dead))
+                for d in batch.dead:
+                    log.warning(
+                        "dead letter on %s (kiosk %s, seq %s, %d bytes): %s",
+                        d.topic,
+                        d.kiosk_id,
+                        d.seq,
+                        len(d.payload),
+                        d.reason,
+                    )
+            log.debug(
+                "committed %d items (%d new readings)",
+                len(batch),
+                len(result.new_readings),
+            )
+            return result
+
+    def _acknowledge(self, deliveries: list[Delivery]) -> None:
+        assert self._client is not None
+        now = time.monotonic()
+        stale = 0
+        with self._generation_lock:
+            for d in deliveries:
+                if d.qos == 0:
+                    continue
+                if d.generation != self._generation:
+                    stale += 1  # the broker redelivers it on the new connection
+                    continue
+                self._client.ack(d.mid, d.qos)
+        for d in deliveries:
+            self._metrics.lag_seconds.observe(now - d.received_monotonic)
+        if stale:
+            log.info("skipped %d acknowledgements from a previous connection", stale)
+
+    def _confirm(self, result: BatchResult) -> None:
+        assert self._client is not None
+        root = self._settings.mqtt.root_topic
+        at = utc_now()
+        for kiosk_id, through in result.through.items():
+            confirmation = CommitConfirmation(kiosk_id=kiosk_id, through=through, at=at)
+            self._client.publish(
+                kiosk_topic(kiosk_id, Leaf.CONFIRM, root),
+                confirmation.to_bytes(),
+                qos=1,
+                retain=True,
+            )
+
+    def _publish_live(self, batch: Batch, result: BatchResult) -> None:
+        self._hub.publish_readings(result.new_readings)
+        for status in batch.statuses:
+            body = status.model_dump(mode="json", exclude={"v", "kind", "kiosk_id"})
+            kind = "status" if isinstance(status, KioskStatus) else "heartbeat"
+            self._hub.publish_event("status", status.kiosk_id, {"kind": kind, **body})
+        for event in batch.events:
+            body = event.model_dump(
+                mode="json", exclude={"v", "kind", "kiosk_id", "patient_ref", "floor"}
+            )
+            self._hub.publish_event("status", event.kiosk_id, {"kind": "scan", **body})

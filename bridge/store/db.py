@@ -1,0 +1,473 @@
+"""Batched, idempotent writes and the queries the API and the hub need."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Insert,
+    create_engine,
+    event,
+    select,
+    union,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+
+from bridge.errors import StoreError
+from bridge.store.models import DeadLetter, Kiosk, ReadingRow, Scan, ScanEventRow
+from bridge.store.progress import Progress
+from vitals_contract import (
+    METRICS,
+    Heartbeat,
+    KioskStatus,
+    Metric,
+    Reading,
+    ScanEvent,
+    ScanState,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_DEAD_LETTER_BYTES = 4096
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine; SQLite files get WAL, ``synchronous=NORMAL`` and a timeout."""
+    engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cur.close()
+
+    return engine
+
+
+def _utc(value: datetime) -> datetime:
+    """Return ``value`` as aware UTC; SQLite hands back naive datetimes."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredReading:
+    """A reading as stored, with its store position ``id``."""
+
+    id: int
+    kiosk_id: str
+    seq: int
+    scan_id: str | None
+    metric: str
+    value: float
+    unit: str
+    quality: float
+    final: bool
+    measured_at: datetime
+    received_at: datetime
+
+    @property
+    def estimate(self) -> bool:
+        """Whether the metric is only an estimate."""
+        return METRICS[Metric(self.metric)].estimate
+
+    def to_json(self) -> dict[str, Any]:
+        """Render as the JSON object the API and WebSocket clients receive."""
+        return {
+            "id": self.id,
+            "kiosk_id": self.kiosk_id,
+            "seq": self.seq,
+            "scan_id": self.scan_id,
+            "metric": self.metric,
+            "value": self.value,
+            "unit": self.unit,
+            "quality": self.quality,
+            "estimate": self.estimate,
+            "final": self.final,
+            "measured_at": self.measured_at.isoformat(),
+            "received_at": self.received_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterIn:
+    """A rejected message or reading to keep, with the reason."""
+
+    topic: str
+    reason: str
+    payload: bytes
+    kiosk_id: str | None = None
+    seq: int | None = None
+
+
+@dataclass(slots=True)
+class Batch:
+    """Everything one ingest step commits together."""
+
+    readings: list[tuple[str, Reading]] = field(default_factory=list)
+    events: list[ScanEvent] = field(default_factory=list)
+    statuses: list[KioskStatus | Heartbeat] = field(default_factory=list)
+    dead: list[DeadLetterIn] = field(default_factory=list)
+    floors: dict[str, int] = field(default_factory=dict)
+
+    def note_floor(self, kiosk_id: str, floor: int) -> None:
+        """Remember the highest floor a kiosk announced in this batch."""
+        self.floors[kiosk_id] = max(floor, self.floors.get(kiosk_id, 0))
+
+    def __len__(self) -> int:
+        return (
+            len(self.readings) + len(self.events) + len(self.statuses) + len(self.dead)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """What a committed batch changed."""
+
+    new_readings: list[StoredReading]
+    duplicates: int
+    through: dict[str, int]  # committed high-water mark of every kiosk in the batch
+    status_changed: list[str]
+
+
+_READING_COLUMNS = (
+    ReadingRow.id,
+    ReadingRow.kiosk_id,
+    ReadingRow.seq,
+    ReadingRow.scan_id,
+    ReadingRow.metric,
+    ReadingRow.value,
+    ReadingRow.unit,
+    ReadingRow.quality,
+    ReadingRow.final,
+    ReadingRow.measured_at,
+    ReadingRow.received_at,
+)
+
+
+def _reading_from_row(row: Any) -> StoredReading:
+    return StoredReading(
+        id=row.id,
+        kiosk_id=row.kiosk_id,
+        seq=row.seq,
+        scan_id=row.scan_id,
+        metric=row.metric,
+        value=row.value,
+        unit=row.unit,
+        quality=row.quality,
+        final=row.final,
+        measured_at=_utc(row.measured_at),
+        received_at=_utc(row.received_at),
+    )
+
+
+class Store:
+    """Idempotent batched writes keyed by ``(kiosk_id, seq)``, plus queries."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._progress: dict[str, Progress] = {}
+        dialect = engine.dialect.name
+        if dialect == "postgresql":
+            self._insert: Any = postgresql.insert
+        elif dialect == "sqlite":
+            self._insert = sqlite.insert
+        else:
+            raise StoreError(f"unsupported database dialect {dialect!r}")
+
+    @classmethod
+    def from_url(cls, url: str) -> Store:
+        """Open the store at ``url``."""
+        return cls(make_engine(url))
+
+    def close(self) -> None:
+        """Release pooled connections."""
+        self.engine.dispose()
+
+    # -- writes ---------------------------------------------------------------
+
+    def write_batch(self, batch: Batch) -> BatchResult:
+        """Commit ``batch`` in one transaction; duplicates are skipped, not errors."""
+        now = datetime.now(UTC)
+        try:
+            with self.engine.begin() as conn:
+                kiosks = self._touched_kiosks(batch)
+                self._ensure_kiosks(conn, kiosks)
+                new = self._insert_readings(conn, batch.readings, now)
+                new_event_seqs = self._insert_events(conn, batch.events)
+                status_changed = self._apply_statuses(conn, batch.statuses)
+                self._insert_dead(conn, batch.dead, now)
+                progress = self._advance(conn, batch, kiosks)
+                self._touch_kiosks(conn, progress, batch, now)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"batch commit failed: {type(exc).__name__}") from exc
+
+        # Only a committed transaction may move the in-memory marks.
+        self._progress.update(progress)
+        stored = len(new) + len(new_event_seqs)
+        sent = len(batch.readings) + len(batch.events)
+        return BatchResult(
+            new_readings=new,
+            duplicates=sent - stored,
+            through={k: p.through for k, p in progress.items()},
+            status_changed=status_changed,
+        )
+
+    @staticmethod
+    def _touched_kiosks(batch: Batch) -> set[str]:
+        kiosks = {k for k, _ in batch.readings}
+        kiosks.update(e.kiosk_id for e in batch.events)
+        kiosks.update(s.kiosk_id for s in batch.statuses)
+        kiosks.update(batch.floors)
+        kiosks.update(
+            d.kiosk_id for d in batch.dead if d.kiosk_id and d.seq is not None
+        )
+        return kiosks
+
+    def _ensure_kiosks(self, conn: Connection, kiosks: Iterable[str]) -> None:
+        rows = [{"kiosk_id": k, "committed_through": -1} for k in sorted(kiosks)]
+        if rows:
+            stmt = self._insert(Kiosk).on_conflict_do_nothing(
+                index_elements=["kiosk_id"]
+            )
+            conn.execute(stmt, rows)
+
+    def _insert_readings(
+        self, conn: Connection, readings: Sequence[tuple[str, Reading]], now: datetime
+    ) -> list[StoredReading]:
+        if not readings:
+            return []
+        rows = [
+            {
+                "kiosk_id": kiosk_id,
+                "seq": r.seq,
+                "scan_id": r.scan_id,
+                "metric": r.metric.value,
+                "value": r.value,
+                "unit": r.unit,
+                "quality": r.quality,
+                "final": r.final,
+                "measured_at": r.measured_at,
+                "received_at": now,
+            }
+            for kiosk_id, r in readings
+        ]
+        stmt: Insert = (
+            self._insert(ReadingRow)
+            .on_conflict_do_nothing(index_elements=["kiosk_id", "seq"])
+            .returning(*_READING_COLUMNS, sort_by_parameter_order=True)
+        )
+        result = conn.execute(stmt, rows)
+        stored = [_reading_from_row(row) for row in result]
+        stored.sort(key=lambda r: r.id)
+        return stored
+
+    def _insert_events(self, conn: Connection, events: Sequence[ScanEvent]) -> set[int]:
+        if not events:
+            return set()
+        rows = [
+            {
+                "kiosk_id": e.kiosk_id,
+                "seq": e.seq,
+                "scan_id": e.scan_id,
+                "state": e.state.value,
+                "at": e.at,
+                "reason": e.reason,
+            }
+            for e in events
+        ]
+        stmt = (
+            self._insert(ScanEventRow)
+            .on_conflict_do_nothing(index_elements=["kiosk_id", "seq"])
+            .returning(ScanEventRow.seq)
+        )
+        new_seqs = {row.seq for row in conn.execute(stmt, rows)}
+        for e in sorted(events, key=lambda e: e.seq):
+            if e.seq in new_seqs:
+                self._upsert_scan(conn, e)
+        return new_seqs
+
+    def _upsert_scan(self, conn: Connection, e: ScanEvent) -> None:
+        values = {
+            "kiosk_id": e.kiosk_id,
+            "scan_id": e.scan_id,
+            "state": e.state.value,
+            "patient_ref": e.patient_ref,
+            "started_at": e.at,
+            "updated_at": e.at,
+            "reason": e.reason,
+        }
+        stmt = self._insert(Scan).values(values)
+        changes = {"state": e.state.value, "updated_at": e.at, "reason": e.reason}
+        if e.patient_ref is not None:
+            changes["patient_ref"] = e.patient_ref
+        if e.state is ScanState.SCANNING:
+            changes["started_at"] = e.at
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["kiosk_id", "scan_id"], set_=changes
+            )
+        )
+
+    def _apply_statuses(
+        self, conn: Connection, statuses: Sequence[KioskStatus | Heartbeat]
+    ) -> list[str]:
+        changed: list[str] = []
+        for s in statuses:
+            if isinstance(s, KioskStatus):
+                conn.execute(
+                    update(Kiosk)
+                    .where(Kiosk.kiosk_id == s.kiosk_id)
+                    .values(
+                        state=s.state.value,
+                        agent_version=s.agent_version,
+                        status_at=s.at,
+                    )
+                )
+                changed.append(s.kiosk_id)
+        return changed
+
+    def _insert_dead(
+        self, conn: Connection, dead: Sequence[DeadLetterIn], now: datetime
+    ) -> None:
+        if not dead:
+            return
+        rows = [
+            {
+                "received_at": now,
+                "topic": d.topic[:256],
+                "kiosk_id": d.kiosk_id,
+                "seq": d.seq,
+                "reason": d.reason[:500],
+                "size_bytes": len(d.payload),
+                "payload": d.payload[:MAX_DEAD_LETTER_BYTES],
+            }
+            for d in dead
+        ]
+        conn.execute(self._insert(DeadLetter), rows)
+
+    def _advance(
+        self, conn: Connection, batch: Batch, kiosks: set[str]
+    ) -> dict[str, Progress]:
+        seqs: dict[str, list[int]] = defaultdict(list)
+        for kiosk_id, r in batch.readings:
+            seqs[kiosk_id].append(r.seq)
+        for e in batch.events:
+            seqs[e.kiosk_id].append(e.seq)
+        for d in batch.dead:
+            # A rejected reading is settled too: resending it would not help.
+            if d.kiosk_id is not None and d.seq is not None:
+                seqs[d.kiosk_id].append(d.seq)
+        progress: dict[str, Progress] = {}
+        for kiosk_id in kiosks:
+            if kiosk_id not in seqs and kiosk_id not in batch.floors:
+                continue
+            current = self._progress.get(kiosk_id) or self._load_progress(
+                conn, kiosk_id
+            )
+            progress[kiosk_id] = current.advanced(
+                seqs.get(kiosk_id, ()), batch.floors.get(kiosk_id, 0)
+            )
+        return progress
+
+    @staticmethod
+    def _load_progress(conn: Connection, kiosk_id: str) -> Progress:
+        through = conn.execute(
+            select(Kiosk.committed_through).where(Kiosk.kiosk_id == kiosk_id)
+        ).scalar_one()
+        above = union(
+            select(ReadingRow.seq).where(
+                ReadingRow.kiosk_id == kiosk_id, ReadingRow.seq > through
+            ),
+            select(ScanEventRow.seq).where(
+                ScanEventRow.kiosk_id == kiosk_id, ScanEventRow.seq > through
+            ),
+        )
+        return Progress(through, set(conn.execute(above).scalars()))
+
+    @staticmethod
+    def _touch_kiosks(
+        conn: Connection,
+        progress: dict[str, Progress],
+        batch: Batch,
+        now: datetime,
+    ) -> None:
+        for kiosk_id, p in progress.items():
+            conn.execute(
+                update(Kiosk)
+                .where(Kiosk.kiosk_id == kiosk_id)
+                .values(committed_through=p.through, last_seen_at=now)
+            )
+
+    # -- reads ----------------------------------------------------------------
+
+    def readings(
+        self,
+        *,
+        kiosk_ids: Sequence[str] | None = None,
+        metrics: Sequence[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after_id: int | None = None,
+        limit: int = 100,
+    ) -> list[StoredReading]:
+        """Return stored readings in store order (ascending ``id``)."""
+        query = select(*_READING_COLUMNS).order_by(ReadingRow.id).limit(limit)
+        if kiosk_ids:
+            query = query.where(ReadingRow.kiosk_id.in_(kiosk_ids))
+        if metrics:
+            query = query.where(ReadingRow.metric.in_(metrics))
+        if since is not None:
+            query = query.where(ReadingRow.measured_at >= since)
+        if until is not None:
+            query = query.where(ReadingRow.measured_at < until)
+        if after_id is not None:
+            query = query.where(ReadingRow.id > after_id)
+        try:
+            with self.engine.connect() as conn:
+                return [_reading_from_row(row) for row in conn.execute(query)]
+        except SQLAlchemyError as exc:
+            raise StoreError(f"readings query failed: {type(exc).__name__}") from exc
+
+    def kiosks(self) -> list[dict[str, Any]]:
+        """Return every known kiosk with its state and delivery mark."""
+        query = select(Kiosk).order_by(Kiosk.kiosk_id)
+        try:
+            with self.engine.connect() as conn:
+                return [
+                    {
+                        "kiosk_id": k.kiosk_id,
+                        "state": k.state,
+                        "agent_version": k.agent_version,
+                        "committed_through": k.committed_through,
+                        "status_at": _iso(k.status_at),
+                        "last_seen_at": _iso(k.last_seen_at),
+                    }
+                    for k in conn.execute(query)
+                ]
+        except SQLAlchemyError as exc:
+            raise StoreError(f"kiosks query failed: {type(exc).__name__}") from exc
+
+    def ping(self) -> None:
+        """Run a trivial query; raise :class:`StoreError` when the database is down."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(select(1))
+        except SQLAlchemyError as exc:
+            raise StoreError(f"database unreachable: {type(exc).__name__}") from exc
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else _utc(value).isoformat()

@@ -1,0 +1,112 @@
+"""SQLAlchemy 2 models of the vitals store.
+
+Readings are keyed by ``(kiosk_id, seq)``, the identity a reading keeps from the
+kiosk to the EHR; ``id`` is the store's own ascending position, which WebSocket
+clients use to resume after a disconnect.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY.
+BigIntId = BigInteger().with_variant(Integer, "sqlite")
+Timestamp = DateTime(timezone=True)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of all tables."""
+
+
+class Kiosk(Base):
+    """A kiosk the bridge has heard from, with its delivery high-water mark."""
+
+    __tablename__ = "kiosks"
+
+    kiosk_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    committed_through: Mapped[int] = mapped_column(BigInteger, default=-1)
+    state: Mapped[str] = mapped_column(String(16), default="unknown")
+    agent_version: Mapped[str | None] = mapped_column(String(32))
+    status_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    last_seen_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class Scan(Base):
+    """One face scan on one kiosk, optionally bound to a patient."""
+
+    __tablename__ = "scans"
+
+    kiosk_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    scan_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    patient_ref: Mapped[str | None] = mapped_column(String(128), index=True)
+    started_at: Mapped[datetime] = mapped_column(Timestamp)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp)
+    reason: Mapped[str | None] = mapped_column(String(200))
+
+
+class ScanEventRow(Base):
+    """A scan state change as the kiosk sent it."""
+
+    __tablename__ = "scan_events"
+    __table_args__ = (UniqueConstraint("kiosk_id", "seq", name="uq_scan_events_seq"),)
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    kiosk_id: Mapped[str] = mapped_column(String(64))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    scan_id: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    at: Mapped[datetime] = mapped_column(Timestamp)
+    reason: Mapped[str | None] = mapped_column(String(200))
+
+
+class ReadingRow(Base):
+    """One stored vital-sign reading."""
+
+    __tablename__ = "readings"
+    __table_args__ = (
+        UniqueConstraint("kiosk_id", "seq", name="uq_readings_kiosk_seq"),
+        Index("ix_readings_kiosk_time", "kiosk_id", "measured_at"),
+        Index("ix_readings_metric_time", "metric", "measured_at"),
+        Index("ix_readings_scan", "kiosk_id", "scan_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    kiosk_id: Mapped[str] = mapped_column(String(64))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    scan_id: Mapped[str | None] = mapped_column(String(64))
+    metric: Mapped[str] = mapped_column(String(32))
+    value: Mapped[float] = mapped_column(Float)
+    unit: Mapped[str] = mapped_column(String(16))
+    quality: Mapped[float] = mapped_column(Float)
+    final: Mapped[bool] = mapped_column(Boolean, default=False)
+    measured_at: Mapped[datetime] = mapped_column(Timestamp)
+    received_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class DeadLetter(Base):
+    """A message or reading that failed validation, kept for inspection."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    received_at: Mapped[datetime] = mapped_column(Timestamp, index=True)
+    topic: Mapped[str] = mapped_column(String(256))
+    kiosk_id: Mapped[str | None] = mapped_column(String(64))
+    seq: Mapped[int | None] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(String(500))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)

@@ -1,0 +1,162 @@
+"""The agent's main loop: capture, estimate, drive the scan, feed the outbox."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import psutil
+
+from kiosk_agent import systemd
+from kiosk_agent.config import AgentSettings
+from kiosk_agent.errors import CameraError
+from kiosk_agent.link import MqttLink
+from kiosk_agent.outbox import Outbox
+from kiosk_agent.scan import ScanController, ScanTiming
+from kiosk_agent.sources import FrameSource, open_source
+from kiosk_agent.vitals import VitalsEngine
+from vitals_contract import (
+    CameraState,
+    Command,
+    CommandAction,
+    Heartbeat,
+    Leaf,
+    utc_now,
+)
+
+log = logging.getLogger(__name__)
+
+FRAME_TIMEOUT_SECONDS = 1.0
+CAMERA_RETRY_MIN_SECONDS = 1.0
+
+
+class Agent:
+    """One kiosk: camera, vitals engine, scan controller, outbox and MQTT link."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.outbox = Outbox(
+            settings.outbox_path,
+            max_messages=settings.outbox_max_messages,
+            max_age_seconds=settings.outbox_max_age_hours * 3600,
+        )
+        self.link = MqttLink(settings, self.outbox, self._handle_command)
+        self._lock = threading.Lock()  # guards the controller across threads
+        self._controller: ScanController | None = None
+        self._camera_state = CameraState.MISSING
+        self._fps = 0.0
+        self._process = psutil.Process()
+
+    def run(self, stop: threading.Event) -> None:
+        """Run until ``stop`` is set; camera faults are retried, never fatal."""
+        self.link.start()
+        systemd.notify("READY=1")
+        log.info("agent %s running", self.settings.kiosk_id)
+        retry = CAMERA_RETRY_MIN_SECONDS
+        try:
+            while not stop.is_set():
+                try:
+                    source = open_source(self.settings.camera)
+                except CameraError as exc:
+                    self._camera_state = CameraState.MISSING
+                    log.warning(
+                        "camera unavailable (%s); retrying in %.0f s", exc, retry
+                    )
+                    self._idle(stop, retry)
+                    retry = min(retry * 2, self.settings.camera_retry_max_seconds)
+                    continue
+                retry = CAMERA_RETRY_MIN_SECONDS
+                try:
+                    self._capture(source, stop)
+                finally:
+                    source.close()
+        finally:
+            systemd.notify("STOPPING=1")
+            self.link.stop()
+            self.outbox.close()
+            log.info("agent stopped")
+
+    def _capture(self, source: FrameSource, stop: threading.Event) -> None:
+        engine = VitalsEngine(fps=source.fps, method=self.settings.vitals_method)
+        s = self.settings
+        timing = ScanTiming(
+            scan_seconds=s.scan_seconds,
+            reading_interval_seconds=s.reading_interval_seconds,
+            face_lost_abort_seconds=s.face_lost_abort_seconds,
+            auto_scan=s.auto_scan,
+            auto_scan_cooldown_seconds=s.auto_scan_cooldown_seconds,
+        )
+        with self._lock:
+            self._controller = ScanController(
+                s.kiosk_id, engine, timing, self._add_event, self._add_readings
+            )
+        self._camera_state = CameraState.OK
+        frames = 0
+        window_start = last_beat = time.monotonic()
+        while not stop.is_set():
+            frame = source.read(FRAME_TIMEOUT_SECONDS)
+            now = time.monotonic()
+            if frame is None:
+                if source.failed:
+                    self._camera_state = CameraState.ERROR
+                    log.warning("camera stopped delivering frames; reopening")
+                    return
+            else:
+                engine.push(frame.image, frame.timestamp_s)
+                frames += 1
+                with self._lock:
+                    self._controller.tick(now)
+            if now - window_start >= 1.0:
+                self._fps = frames / (now - window_start)
+                frames, window_start = 0, now
+            if now - last_beat >= min(s.heartbeat_seconds, self._watchdog_period()):
+                self._heartbeat()
+                last_beat = now
+
+    def _idle(self, stop: threading.Event, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not stop.is_set() and time.monotonic() < deadline:
+            self._heartbeat()
+            stop.wait(min(self._watchdog_period(), deadline - time.monotonic(), 5.0))
+
+    def _watchdog_period(self) -> float:
+        return systemd.watchdog_interval_seconds() or self.settings.heartbeat_seconds
+
+    def _heartbeat(self) -> None:
+        systemd.notify("WATCHDOG=1")
+        beat = Heartbeat(
+            kiosk_id=self.settings.kiosk_id,
+            at=utc_now(),
+            camera=self._camera_state,
+            fps=round(self._fps, 1),
+            queue_depth=self.outbox.depth(),
+            cpu_percent=self._process.cpu_percent(),
+        )
+        self.link.publish_now(Leaf.HEARTBEAT, beat)
+
+    # -- sinks and commands -------------------------------------------------------
+
+    def _add_event(self, event: dict[str, object]) -> None:
+        self.outbox.add_event(event)
+        self.link.wake()
+
+    def _add_readings(self, readings: list[dict[str, object]]) -> None:
+        self.outbox.add_readings(readings)
+        self.link.wake()
+
+    def _handle_command(self, command: Command) -> str | None:
+        """Apply a command; return an error text, or None on success."""
+        log.info("command %s (%s)", command.action.value, command.command_id)
+        with self._lock:
+            controller = self._controller
+            if command.action is CommandAction.PING:
+                return None
+            if controller is None:
+                return "camera not ready"
+            if command.action is CommandAction.START_SCAN:
+                return controller.request_scan(command.patient_ref)
+            if command.action is CommandAction.CANCEL_SCAN:
+                return controller.cancel(time.monotonic())
+        # TODO: accept `set` for a whitelist of runtime settings (issue 4).
+        return f"action {command.action.value} is not supported yet"
