@@ -116,12 +116,15 @@ class ScanController:
         if self.state is ScanState.SCANNING:
             self._tick_scanning(now, face)
         elif face:
-            if self.state is ScanState.IDLE:
+            cooled = now - self._idle_since >= self._timing.auto_scan_cooldown_seconds
+            wanted = self._requested or not self._timing.auto_scan or cooled
+            if self.state is ScanState.IDLE and wanted:
                 self.scan_id = uuid.uuid4().hex[:16]
                 self.state = ScanState.FACE_PRESENT
                 self._emit_state(ScanState.FACE_PRESENT, None)
-            cooled = now - self._idle_since >= self._timing.auto_scan_cooldown_seconds
-            if self._requested or (self._timing.auto_scan and cooled):
+            if self.state is ScanState.FACE_PRESENT and (
+                self._requested or (self._timing.auto_scan and cooled)
+            ):
                 self._start(now)
         elif self.state is ScanState.FACE_PRESENT:
             self._emit_state(ScanState.IDLE, "face left before the scan started")

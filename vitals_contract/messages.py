@@ -84,7 +84,7 @@ class Reading(BaseModel):
         info = METRICS[self.metric]
         if self.unit != info.unit:
             raise ValueError(
-                f"unit {self.unit!r} does not match {self.metric.value} ({info.unit!r})"
+                f"unit does not match {self.metric.value} (expected {info.unit!r})"
             )
         if not math.isfinite(self.value):
             raise ValueError("value must be finite")

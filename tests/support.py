@@ -1,0 +1,140 @@
+"""Helpers shared by the tests: brokers, servers and polling, all on free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from bridge.broker import DEFAULT_CONFIG, free_port, load_config
+from bridge.config import BridgeSettings
+
+
+def tcp_reachable(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Tell whether a TCP connection to host:port succeeds."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class BrokerEndpoint:
+    """Where a test's broker listens, and a topic root private to the test."""
+
+    def __init__(self, host: str, port: int, kind: str) -> None:
+        self.host = host
+        self.port = port
+        self.kind = kind
+        self.root = f"test-{uuid.uuid4().hex[:10]}/v1"
+
+
+class EmbeddedBroker:
+    """amqtt running on its own event loop in a background thread."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._config = load_config(DEFAULT_CONFIG, "127.0.0.1", port)
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start and wait until the listener accepts connections."""
+        from bridge.broker import serve
+
+        started = threading.Event()
+
+        def main() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._stop = asyncio.Event()
+            self._loop.call_soon(started.set)
+            self._loop.run_until_complete(serve(self._config, self._stop))
+
+        self._thread = threading.Thread(target=main, name="amqtt", daemon=True)
+        self._thread.start()
+        started.wait(5)
+        for _ in range(100):
+            if tcp_reachable("127.0.0.1", self.port, 0.2):
+                return
+            threading.Event().wait(0.05)
+        raise RuntimeError("embedded broker did not start")
+
+    def stop(self) -> None:
+        """Shut the broker down."""
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+class ServerThread:
+    """uvicorn serving the API in a background thread on a free port."""
+
+    def __init__(self, settings: BridgeSettings) -> None:
+        import uvicorn
+
+        from api.app import create_app
+
+        self.port = free_port()
+        config = uvicorn.Config(
+            create_app(settings),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="on",
+        )
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self.server.run, name="uvicorn", daemon=True
+        )
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def start(self) -> None:
+        self._thread.start()
+        for _ in range(400):
+            if self.server.started:
+                return
+            if not self._thread.is_alive():
+                raise RuntimeError("API server failed to start")
+            threading.Event().wait(0.025)
+        raise RuntimeError("API server did not start in 10 s")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(15)
+
+
+def bridge_settings(
+    broker: BrokerEndpoint, database_url: str, **extra: Any
+) -> BridgeSettings:
+    """Settings for a bridge on ``broker`` and ``database_url`` with a private root."""
+    return BridgeSettings(
+        database_url=database_url,
+        mqtt={"host": broker.host, "port": broker.port, "root_topic": broker.root},
+        ingest={"client_id": f"bridge-{uuid.uuid4().hex[:8]}"},
+        **extra,
+    )
+
+
+def wait_for(
+    predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05
+) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` passes; return the outcome."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

@@ -1,0 +1,203 @@
+"""Bridge and API against real brokers and databases: ingest, confirm, REST, WS."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from support import BrokerEndpoint, ServerThread, wait_for
+from websockets.sync.client import connect as ws_connect
+
+from vitals_contract import (
+    METRICS,
+    Leaf,
+    Metric,
+    Reading,
+    ReadingsMessage,
+    kiosk_topic,
+)
+
+NOW = datetime.now(UTC)
+
+
+class Kiosk:
+    """A bare paho client speaking the contract, to script exact messages."""
+
+    def __init__(self, broker: BrokerEndpoint, kiosk_id: str) -> None:
+        self.broker = broker
+        self.kiosk_id = kiosk_id
+        self.confirmed: list[int] = []
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:8]}"
+        )
+        self.client.on_message = self._on_message
+        self._subscribed = threading.Event()
+        self.client.on_subscribe = lambda *_: self._subscribed.set()
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        self.client.subscribe(self.topic(Leaf.CONFIRM), qos=1)
+        assert self._subscribed.wait(5)
+
+    def topic(self, leaf: Leaf) -> str:
+        return kiosk_topic(self.kiosk_id, leaf, self.broker.root)
+
+    def _on_message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+        self.confirmed.append(json.loads(msg.payload)["through"])
+
+    def send(self, seqs: list[int], floor: int = 0) -> None:
+        readings = [
+            Reading(
+                seq=s,
+                scan_id="scan1",
+                metric=Metric.HEART_RATE,
+                value=60 + s % 40,
+                unit=METRICS[Metric.HEART_RATE].unit,
+                quality=0.9,
+                measured_at=NOW,
+            )
+            for s in seqs
+        ]
+        message = ReadingsMessage(
+            kiosk_id=self.kiosk_id, sent_at=NOW, floor=floor, readings=readings
+        )
+        self.raw(message.to_bytes())
+
+    def raw(self, payload: bytes, leaf: Leaf = Leaf.READINGS) -> None:
+        self.client.publish(self.topic(leaf), payload, qos=1).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def get_readings(server: ServerThread, **params: Any) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        query = {**params, "limit": 50, **({"cursor": cursor} if cursor else {})}
+        page = httpx.get(
+            f"{server.base}/api/v1/readings", params=query, timeout=5
+        ).json()
+        items.extend(page["items"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return items
+
+
+@pytest.fixture
+def kiosk(broker: BrokerEndpoint, bridge_server: ServerThread) -> Any:
+    k = Kiosk(broker, f"k-{uuid.uuid4().hex[:6]}")
+    assert wait_for(lambda: httpx.get(f"{bridge_server.base}/ready").status_code == 200)
+    yield k
+    k.close()
+
+
+def test_readings_flow_to_sql_rest_and_websocket_once_and_in_order(
+    bridge_server: ServerThread, kiosk: Kiosk
+) -> None:
+    with ws_connect(bridge_server.ws_url) as ws:
+        ws.send(json.dumps({"type": "subscribe", "kiosks": [kiosk.kiosk_id]}))
+        assert json.loads(ws.recv(5))["type"] == "subscribed"
+
+        for start in range(0, 100, 5):
+            kiosk.send(list(range(start, start + 5)))
+        kiosk.send([10, 11, 12])  # a redelivery: must not be stored or pushed twice
+
+        live = []
+        while len(live) < 100:
+            message = json.loads(ws.recv(10))
+            if message["type"] == "reading":
+                live.append(message["seq"])
+    assert live == list(range(100))
+
+    stored = get_readings(bridge_server, kiosk_id=kiosk.kiosk_id)
+    assert [r["seq"] for r in stored] == list(range(100))
+    assert wait_for(lambda: kiosk.confirmed and kiosk.confirmed[-1] == 99)
+    assert kiosk.confirmed == sorted(kiosk.confirmed)
+
+
+def test_bad_messages_become_dead_letters_and_spare_the_good(
+    bridge_server: ServerThread, kiosk: Kiosk
+) -> None:
+    kiosk.send([0, 1])
+    kiosk.raw(b"\xff not json")
+    kiosk.raw(b'{"v": 1, "kind": "readings"}')
+    good = ReadingsMessage(
+        kiosk_id=kiosk.kiosk_id,
+        sent_at=NOW,
+        readings=[
+            Reading(
+                seq=2,
+                metric=Metric.SPO2,
+                value=97,
+                unit="%",
+                quality=0.6,
+                measured_at=NOW,
+            )
+        ],
+    )
+    mixed = json.loads(good.to_bytes())
+    mixed["readings"].append({**mixed["readings"][0], "seq": 3, "value": 250})
+    kiosk.raw(json.dumps(mixed).encode())
+    kiosk.send([4])
+
+    assert wait_for(lambda: kiosk.confirmed and kiosk.confirmed[-1] == 4)
+    stored = get_readings(bridge_server, kiosk_id=kiosk.kiosk_id)
+    assert [r["seq"] for r in stored] == [0, 1, 2, 4]
+    assert stored[2]["estimate"] is True
+    metrics = httpx.get(f"{bridge_server.base}/metrics").text
+    assert "vitals_ingest_dead_letters_total 3.0" in metrics
+
+
+def test_websocket_resume_replays_the_gap(
+    bridge_server: ServerThread, kiosk: Kiosk
+) -> None:
+    kiosk.send(list(range(0, 10)))
+    assert wait_for(
+        lambda: len(get_readings(bridge_server, kiosk_id=kiosk.kiosk_id)) == 10
+    )
+    seen = get_readings(bridge_server, kiosk_id=kiosk.kiosk_id)[:4]
+
+    with ws_connect(bridge_server.ws_url) as ws:
+        ws.send(
+            json.dumps(
+                {
+                    "type": "subscribe",
+                    "kiosks": [kiosk.kiosk_id],
+                    "since": seen[-1]["id"],
+                }
+            )
+        )
+        assert json.loads(ws.recv(5))["type"] == "subscribed"
+        kiosk.send(list(range(10, 15)))
+        got = []
+        while len(got) < 11:
+            message = json.loads(ws.recv(10))
+            if message["type"] == "reading":
+                got.append(message["seq"])
+    assert got == list(range(4, 15))
+
+
+def test_bad_requests_get_precise_errors(bridge_server: ServerThread) -> None:
+    bad = [
+        {"cursor": "abc"},
+        {"metric": "blood_pressure"},
+        {"since": "yesterday"},
+        {"since": "2026-12-03T10:00:00"},  # no timezone
+        {"limit": 0},
+        {"kiosk_id": "a/b"},
+    ]
+    for params in bad:
+        response = httpx.get(f"{bridge_server.base}/api/v1/readings", params=params)
+        assert response.status_code == 422, params
+    with ws_connect(bridge_server.ws_url) as ws:
+        ws.send('{"type": "hello"}')
+        with pytest.raises(Exception, match="4400"):
+            ws.recv(5)

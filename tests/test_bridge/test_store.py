@@ -1,0 +1,158 @@
+"""The SQL store on SQLite and PostgreSQL: idempotent batches, marks, queries."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from bridge.store import Batch, DeadLetterIn, Store
+from bridge.store.migrate import upgrade
+from bridge.store.models import DeadLetter, Kiosk, Scan
+from vitals_contract import METRICS, Metric, Reading, ScanEvent, ScanState
+
+T0 = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+
+
+def make_reading(
+    seq: int, metric: Metric = Metric.HEART_RATE, value: float = 72.0
+) -> Reading:
+    return Reading(
+        seq=seq,
+        scan_id="s1",
+        metric=metric,
+        value=value,
+        unit=METRICS[metric].unit,
+        quality=0.9,
+        measured_at=T0 + timedelta(seconds=seq),
+    )
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    upgrade(database_url)
+    s = Store.from_url(database_url)
+    yield s
+    s.close()
+
+
+def test_batch_is_stored_once_and_marks_contiguous_progress(store: Store) -> None:
+    first = store.write_batch(
+        Batch(readings=[("k1", make_reading(s)) for s in (0, 1, 3)])
+    )
+    assert [r.seq for r in first.new_readings] == [0, 1, 3]
+    assert first.through == {"k1": 1}
+
+    again = store.write_batch(
+        Batch(readings=[("k1", make_reading(s)) for s in (1, 2, 3)])
+    )
+    assert [r.seq for r in again.new_readings] == [2]
+    assert again.duplicates == 2
+    assert again.through == {"k1": 3}
+
+    rows = store.readings(kiosk_ids=["k1"], limit=100)
+    assert [r.seq for r in rows] == [0, 1, 3, 2]  # store order is arrival order
+    assert [r.id for r in rows] == sorted(r.id for r in rows)
+
+
+def test_progress_survives_a_new_store_instance(
+    store: Store, database_url: str
+) -> None:
+    store.write_batch(Batch(readings=[("k1", make_reading(s)) for s in (0, 2, 3)]))
+    reopened = Store.from_url(database_url)
+    try:
+        result = reopened.write_batch(Batch(readings=[("k1", make_reading(1))]))
+        assert result.through == {"k1": 3}
+    finally:
+        reopened.close()
+
+
+def test_kiosks_are_independent(store: Store) -> None:
+    result = store.write_batch(
+        Batch(
+            readings=[
+                ("a", make_reading(0)),
+                ("b", make_reading(5)),
+                ("b", make_reading(0)),
+            ]
+        )
+    )
+    assert result.through == {"a": 0, "b": 0}
+    assert {k["kiosk_id"]: k["committed_through"] for k in store.kiosks()} == {
+        "a": 0,
+        "b": 0,
+    }
+
+
+def test_floor_and_dead_letters_settle_seqs(store: Store) -> None:
+    batch = Batch(
+        readings=[("k1", make_reading(7))],
+        dead=[DeadLetterIn("t", "value outside range", b"{}", "k1", 6)],
+    )
+    batch.note_floor("k1", 6)  # seqs below 6 were dropped by the kiosk
+    result = store.write_batch(batch)
+    assert result.through == {"k1": 7}
+    with store.engine.connect() as conn:
+        dead = conn.execute(select(DeadLetter)).one()
+    assert (dead.kiosk_id, dead.seq, dead.reason) == ("k1", 6, "value outside range")
+
+
+def test_dead_letter_payload_is_capped(store: Store) -> None:
+    store.write_batch(Batch(dead=[DeadLetterIn("t", "too big", b"x" * 100_000)]))
+    with store.engine.connect() as conn:
+        size, stored = conn.execute(
+            select(DeadLetter.size_bytes, func.length(DeadLetter.payload))
+        ).one()
+    assert size == 100_000
+    assert stored == 4096
+
+
+def test_scan_events_build_the_scan_record(store: Store) -> None:
+    def event(seq: int, state: ScanState) -> ScanEvent:
+        return ScanEvent(
+            kiosk_id="k1",
+            seq=seq,
+            scan_id="s1",
+            state=state,
+            at=T0 + timedelta(seconds=seq),
+            patient_ref="p-1" if seq == 0 else None,
+        )
+
+    store.write_batch(
+        Batch(events=[event(0, ScanState.FACE_PRESENT), event(1, ScanState.SCANNING)])
+    )
+    result = store.write_batch(
+        Batch(events=[event(1, ScanState.SCANNING), event(2, ScanState.COMPLETE)])
+    )
+    assert result.duplicates == 1
+    assert result.through == {"k1": 2}
+    with store.engine.connect() as conn:
+        scan = conn.execute(select(Scan)).one()
+        kiosk = conn.execute(select(Kiosk)).one()
+    assert (scan.state, scan.patient_ref) == ("complete", "p-1")
+    assert kiosk.committed_through == 2
+
+
+def test_queries_filter_and_page(store: Store) -> None:
+    metrics = [Metric.HEART_RATE, Metric.SPO2]
+    store.write_batch(
+        Batch(
+            readings=[
+                ("k1", make_reading(s, metrics[s % 2], 70 + s % 2 * 25))
+                for s in range(10)
+            ]
+        )
+    )
+    spo2 = store.readings(metrics=["spo2"], limit=100)
+    assert [r.seq for r in spo2] == [1, 3, 5, 7, 9]
+    assert all(r.estimate for r in spo2)
+    window = store.readings(
+        since=T0 + timedelta(seconds=2), until=T0 + timedelta(seconds=5)
+    )
+    assert [r.seq for r in window] == [2, 3, 4]
+    page1 = store.readings(limit=4)
+    page2 = store.readings(limit=4, after_id=page1[-1].id)
+    assert [r.seq for r in page1 + page2] == list(range(8))
+    assert page1[0].measured_at.tzinfo is not None
