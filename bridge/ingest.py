@@ -49,7 +49,7 @@ from vitals_contract.mqtt import build_client, choose_protocol, connect_kwargs
 log = logging.getLogger(__name__)
 
 SUBSCRIBED_LEAVES = (Leaf.READINGS, Leaf.EVENTS, Leaf.STATUS, Leaf.HEARTBEAT)
-RECONNECT_MIN_SECONDS = 0.5
+RECONNECT_MIN_SECONDS = 1
 RECONNECT_MAX_SECONDS = 10
 
 
@@ -193,7 +193,7 @@ class Ingest:
         self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage
     ) -> None:
         delivery = Delivery(
-            msg.topic, msg.payload, msg.mid, msg.qos, time.monotonic(), self._generation
+            msg.topic, bytes(msg.payload), msg.mid, msg.qos, time.monotonic(), self._generation
         )
         self._call_soon(self._inbox.put_nowait, delivery)
 

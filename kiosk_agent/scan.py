@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -26,16 +26,21 @@ READING_DECIMALS = 2
 class Estimate(Protocol):
     """One metric of a vitals snapshot (see ``kiosk_agent.vitals``)."""
 
-    value: float | None
-    quality: float
-    reason: str | None
+    @property
+    def value(self) -> float | None: ...
+    @property
+    def quality(self) -> float: ...
+    @property
+    def reason(self) -> str | None: ...
 
 
 class Snapshot(Protocol):
     """A vitals snapshot (see ``kiosk_agent.vitals``)."""
 
-    estimates: dict[str, Estimate]
-    reason: str | None
+    @property
+    def estimates(self) -> Mapping[str, Estimate]: ...
+    @property
+    def reason(self) -> str | None: ...
 
 
 class Engine(Protocol):

@@ -29,7 +29,7 @@ from pydantic import (
 from vitals_contract.metrics import METRICS, Metric
 from vitals_contract.topics import KIOSK_ID_PATTERN, Leaf
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_READINGS_PER_MESSAGE = 500
 MAX_SEQ = 2**63 - 1
@@ -284,7 +284,9 @@ def model_for(leaf: Leaf) -> type[Message]:
     return _INBOUND[leaf]
 
 
-def parse_payload(leaf: Leaf, payload: bytes, kiosk_id: str | None = None) -> Any:
+def parse_payload(
+    leaf: Leaf, payload: bytes | bytearray, kiosk_id: str | None = None
+) -> Any:
     """Validate ``payload`` for ``leaf``; raise :class:`ContractError` with the reason.
 
     When ``kiosk_id`` is given (from the topic), a payload naming another kiosk is
@@ -345,7 +347,7 @@ class SplitReadings:
     bad: list[RejectedReading]
 
 
-def split_readings(payload: bytes, kiosk_id: str) -> SplitReadings:
+def split_readings(payload: bytes | bytearray, kiosk_id: str) -> SplitReadings:
     """Validate a readings message item by item, so one bad reading spares the rest.
 
     Raises :class:`ContractError` when the envelope itself is unusable.

@@ -92,6 +92,6 @@ def connect_kwargs(protocol: MQTTProtocolVersion) -> dict[str, object]:
     """Return ``connect()`` arguments that keep the session across reconnects."""
     if protocol is not MQTTProtocolVersion.MQTTv5:
         return {}
-    props = Properties(PacketTypes.CONNECT)
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
     return {"clean_start": False, "properties": props}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -160,10 +161,8 @@ def test_error_messages_do_not_echo_input_values() -> None:
 
 @given(st.binary(max_size=2048), st.sampled_from(list(Leaf)))
 def test_arbitrary_bytes_raise_only_contract_errors(payload: bytes, leaf: Leaf) -> None:
-    try:
+    with contextlib.suppress(ContractError):
         parse_payload(leaf, payload, "k1")
-    except ContractError:
-        pass
 
 
 json_values = st.recursive(
