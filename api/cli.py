@@ -51,6 +51,14 @@ def run(config: ConfigOption = None, log_level: LogLevel = "info") -> None:
     server.run()
 
 
+@app.command("config-example")
+def config_example() -> None:
+    """Print every bridge option with its default, as a commented TOML file."""
+    from vitals_contract.settings import render_example
+
+    typer.echo(render_example(BridgeSettings, "VITALS_"), nl=False)
+
+
 @app.command()
 def migrate(config: ConfigOption = None, log_level: LogLevel = "info") -> None:
     """Apply database migrations and exit."""
@@ -66,8 +74,12 @@ def broker(
     config: Annotated[
         Path | None, typer.Option(help="amqtt YAML config (see broker_config/).")
     ] = None,
-    host: Annotated[str, typer.Option(help="Listener address.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Listener port.")] = 1883,
+    host: Annotated[
+        str | None, typer.Option(help="Listener address (default: the file's).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Listener port (default: the file's).")
+    ] = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Run the embedded amqtt broker (MQTT 3.1.1)."""

@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 from amqtt.broker import Broker
 
+from vitals_contract import systemd
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = (
@@ -40,13 +42,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def load_config(path: Path, host: str, port: int) -> dict[str, Any]:
-    """Read an amqtt YAML config and bind its default TCP listener to host:port."""
+def load_config(
+    path: Path, host: str | None = None, port: int | None = None
+) -> dict[str, Any]:
+    """Read an amqtt YAML config; ``host``/``port`` replace its default listener's."""
     with path.open() as fh:
         config: dict[str, Any] = yaml.safe_load(fh) or {}
     listeners = config.setdefault("listeners", {})
-    default = listeners.setdefault("default", {"type": "tcp"})
-    default["bind"] = f"{host}:{port}"
+    default = listeners.setdefault("default", {"type": "tcp", "bind": "127.0.0.1:1883"})
+    file_host, _, file_port = str(default.get("bind", "127.0.0.1:1883")).rpartition(":")
+    default["bind"] = f"{host or file_host}:{port or file_port}"
     return config
 
 
@@ -54,6 +59,7 @@ async def serve(config: dict[str, Any], stop: asyncio.Event) -> None:
     """Run the broker until ``stop`` is set."""
     broker = Broker(config)
     await broker.start()
+    systemd.notify("READY=1")
     log.info("amqtt broker listening on %s", config["listeners"]["default"]["bind"])
     try:
         await stop.wait()

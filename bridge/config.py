@@ -17,8 +17,15 @@ class IngestSettings(BaseModel):
         default="vitals-bridge",
         description="MQTT client id; keep it stable so the broker keeps the session.",
     )
-    batch_max_messages: int = Field(default=500, ge=1, le=10_000)
-    batch_max_wait_ms: float = Field(default=20.0, ge=0, le=5_000)
+    batch_max_messages: int = Field(
+        default=500, ge=1, le=10_000, description="Most messages in one commit."
+    )
+    batch_max_wait_ms: float = Field(
+        default=20.0,
+        ge=0,
+        le=5_000,
+        description="Longest a message waits for its batch to fill before commit.",
+    )
     retry_max_seconds: float = Field(
         default=10.0, ge=0.1, description="Longest back-off between failed commits."
     )
@@ -27,8 +34,8 @@ class IngestSettings(BaseModel):
 class HttpSettings(BaseModel):
     """Where the API listens."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
+    host: str = Field(default="127.0.0.1", description="Address the API binds.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port the API binds.")
 
 
 class HubSettings(BaseModel):
@@ -39,7 +46,12 @@ class HubSettings(BaseModel):
         ge=10,
         description="Messages buffered per client before it is cut off as too slow.",
     )
-    replay_page_size: int = Field(default=1_000, ge=10, le=10_000)
+    replay_page_size: int = Field(
+        default=1_000,
+        ge=10,
+        le=10_000,
+        description="Readings per database page when replaying a resumed client.",
+    )
 
 
 class BridgeSettings(TomlEnvSettings):

@@ -193,7 +193,12 @@ class Ingest:
         self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage
     ) -> None:
         delivery = Delivery(
-            msg.topic, bytes(msg.payload), msg.mid, msg.qos, time.monotonic(), self._generation
+            msg.topic,
+            bytes(msg.payload),
+            msg.mid,
+            msg.qos,
+            time.monotonic(),
+            self._generation,
         )
         self._call_soon(self._inbox.put_nowait, delivery)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from bridge.config import BridgeSettings
@@ -11,6 +12,7 @@ from bridge.ingest import Ingest
 from bridge.metrics import BridgeMetrics
 from bridge.store import Store
 from bridge.store.migrate import upgrade
+from vitals_contract import systemd
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,7 @@ class BridgeService:
         self.store = Store.from_url(settings.database_url)
         self.hub = Hub(settings.hub.client_queue_size)
         self.ingest = Ingest(settings, self.store, self.hub, self.metrics)
+        self._watchdog: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Migrate if configured, then start ingest."""
@@ -33,10 +36,27 @@ class BridgeService:
         if self.settings.migrate_on_start:
             await asyncio.to_thread(upgrade, self.settings.database_url)
         await self.ingest.start()
+        systemd.notify("READY=1")
+        interval = systemd.watchdog_interval_seconds()
+        if interval is not None:
+            self._watchdog = asyncio.create_task(
+                self._pet_watchdog(interval), name="bridge[watchdog]"
+            )
         log.info("bridge started")
+
+    async def _pet_watchdog(self, interval: float) -> None:
+        """Tell systemd we are alive while the event loop keeps turning."""
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
 
     async def stop(self) -> None:
         """Stop ingest and release the database."""
+        systemd.notify("STOPPING=1")
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
         await self.ingest.stop()
         self.store.close()
         log.info("bridge stopped")

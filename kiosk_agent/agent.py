@@ -8,7 +8,7 @@ import time
 
 import psutil
 
-from kiosk_agent import systemd
+from vitals_contract import systemd
 from kiosk_agent.config import AgentSettings
 from kiosk_agent.errors import CameraError
 from kiosk_agent.link import MqttLink

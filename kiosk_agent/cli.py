@@ -39,6 +39,14 @@ def run(
     Agent(settings).run(stop)
 
 
+@app.command("config-example")
+def config_example() -> None:
+    """Print every agent option with its default, as a commented TOML file."""
+    from vitals_contract.settings import render_example
+
+    typer.echo(render_example(AgentSettings, "KIOSK_"), nl=False)
+
+
 @app.command()
 def simulate(
     config: Annotated[Path | None, typer.Option(help="TOML config file.")] = None,

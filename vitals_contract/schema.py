@@ -37,7 +37,9 @@ def schemas() -> dict[str, dict[str, Any]]:
     out = {}
     for name, model in EXPORTED.items():
         schema = model.model_json_schema()
-        schema["$id"] = f"https://kiosk-vitals.example/schema/v{SCHEMA_VERSION}/{name}.json"
+        schema["$id"] = (
+            f"https://kiosk-vitals.example/schema/v{SCHEMA_VERSION}/{name}.json"
+        )
         out[f"{name}.v{SCHEMA_VERSION}"] = schema
     return out
 

@@ -44,11 +44,19 @@ class TomlEnvSettings(BaseSettings):
 class MqttSettings(BaseModel):
     """How to reach the MQTT broker."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=1883, ge=1, le=65535)
-    username: str | None = None
-    password: SecretStr | None = None
-    keepalive_seconds: int = Field(default=30, ge=5, le=3600)
+    host: str = Field(default="127.0.0.1", description="Broker host name or address.")
+    port: int = Field(
+        default=1883, ge=1, le=65535, description="Broker port (8883 for TLS)."
+    )
+    username: str | None = Field(
+        default=None, description="MQTT user; a kiosk's is its kiosk id."
+    )
+    password: SecretStr | None = Field(
+        default=None, description="MQTT password; never logged."
+    )
+    keepalive_seconds: int = Field(
+        default=30, ge=5, le=3600, description="MQTT keep-alive interval."
+    )
     protocol: str = Field(
         default="auto",
         pattern="^(auto|3.1.1|5)$",
@@ -58,5 +66,58 @@ class MqttSettings(BaseModel):
         default=None, description="CA bundle; setting it turns TLS on."
     )
     tls_cert_file: Path | None = Field(default=None, description="Client certificate.")
-    tls_key_file: Path | None = None
-    root_topic: str = "vitals/v1"
+    tls_key_file: Path | None = Field(
+        default=None, description="Key of the client certificate."
+    )
+    root_topic: str = Field(
+        default="vitals/v1", description="Topic root; change only to isolate tests."
+    )
+
+
+def render_example(settings_cls: type[BaseModel], env_prefix: str) -> str:
+    """Render every option of ``settings_cls`` as a commented TOML file of defaults.
+
+    The text comes from the fields' descriptions, so each option is documented once,
+    in code, and the example files are regenerated from it.
+    """
+    lines: list[str] = []
+    _render_model(settings_cls, env_prefix, [], lines)
+    return "\n".join(lines).strip() + "\n"
+
+
+def _render_model(
+    model: type[BaseModel], env_prefix: str, path: list[str], lines: list[str]
+) -> None:
+    nested: list[tuple[str, type[BaseModel]]] = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            nested.append((name, annotation))
+            continue
+        env = env_prefix + "__".join([*path, name]).upper()
+        if field.description:
+            lines.append(f"# {field.description}")
+        lines.append(f"# env: {env}")
+        default = field.get_default(call_default_factory=True)
+        if default is None:
+            lines.append(f"# {name} =")
+        else:
+            lines.append(f"{name} = {_toml_value(default)}")
+        lines.append("")
+    for name, sub in nested:
+        lines.append(f"[{'.'.join([*path, name])}]")
+        if sub.__doc__:
+            lines.append(f"# {sub.__doc__.strip().splitlines()[0]}")
+        lines.append("")
+        _render_model(sub, env_prefix, [*path, name], lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
