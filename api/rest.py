@@ -33,7 +33,11 @@ def health() -> dict[str, str]:
 @router.get("/ready", tags=["operations"])
 def ready(bridge: BridgeDep, response: Response) -> dict[str, Any]:
     """Say whether the database answers and the broker is connected."""
-    checks = {"database": True, "broker": bridge.ingest.connected.is_set()}
+    checks = {
+        "database": True,
+        "broker": bridge.ingest.connected.is_set(),
+        "ingest": bridge.ingest.running,
+    }
     try:
         bridge.store.ping()
     except StoreError:
@@ -97,3 +101,32 @@ def list_readings(
         raise HTTPException(503, "database unavailable") from exc
     next_cursor = str(rows[-1].id) if len(rows) == limit else None
     return ReadingsPage(items=[r.to_json() for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/api/v1/alerts", tags=["alerts"])
+def list_alerts(
+    bridge: BridgeDep,
+    open_only: Annotated[bool, Query(alias="open")] = False,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+) -> list[dict[str, Any]]:
+    """List alerts, newest first; ``open=true`` for episodes not yet cleared."""
+    try:
+        return [
+            a.to_json()
+            for a in bridge.alert_store.list(open_only=open_only, limit=limit)
+        ]
+    except StoreError as exc:
+        raise HTTPException(503, "database unavailable") from exc
+
+
+@router.post("/api/v1/alerts/{alert_id}/ack", tags=["alerts"])
+async def acknowledge_alert(alert_id: int, bridge: BridgeDep) -> dict[str, Any]:
+    """Acknowledge an alert; it stays open until the values come back in range."""
+    try:
+        # TODO: record the authenticated user once API authentication lands (issue 7).
+        record = await bridge.acknowledge_alert(alert_id, actor="anonymous")
+    except StoreError as exc:
+        raise HTTPException(503, "database unavailable") from exc
+    if record is None:
+        raise HTTPException(404, "no such alert")
+    return record.to_json()

@@ -69,6 +69,10 @@ class BridgeSettings(TomlEnvSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     hub: HubSettings = Field(default_factory=HubSettings)
+    alert_rules_file: Path | None = Field(
+        default=None,
+        description="TOML alert rules; unset uses the packaged adult NEWS2-based rules.",
+    )
     migrate_on_start: bool = Field(
         default=True,
         description="Apply migrations at start-up; production runs them separately.",

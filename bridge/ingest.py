@@ -25,18 +25,25 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
+from bridge.alerts import AlertEvaluator, ChangeKind
 from bridge.config import BridgeSettings
 from bridge.errors import StoreError
 from bridge.hub import Hub
 from bridge.metrics import BridgeMetrics
 from bridge.store import Batch, BatchResult, DeadLetterIn, Store
+from bridge.store.alert_store import AlertRecord, AlertStore
 from vitals_contract import (
+    AlertMessage,
+    AlertSeverity,
+    AlertState,
     CommitConfirmation,
     ContractError,
     Heartbeat,
     KioskStatus,
     Leaf,
+    Metric,
     ScanEvent,
+    alert_topic,
     kiosk_filter,
     kiosk_topic,
     parse_kiosk_topic,
@@ -102,11 +109,15 @@ class Ingest:
         store: Store,
         hub: Hub,
         metrics: BridgeMetrics,
+        alerts: AlertEvaluator,
+        alert_store: AlertStore,
     ) -> None:
         self._settings = settings
         self._store = store
         self._hub = hub
         self._metrics = metrics
+        self._alerts = alerts
+        self._alert_store = alert_store
         self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
         self._client: mqtt.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -141,6 +152,17 @@ class Ingest:
         client.loop_start()
         self._client = client
         self._task = asyncio.create_task(self._batcher(), name="ingest[batcher]")
+        self._task.add_done_callback(self._batcher_done)
+
+    @property
+    def running(self) -> bool:
+        """Tell whether the batcher is alive."""
+        return self._task is not None and not self._task.done()
+
+    @staticmethod
+    def _batcher_done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("ingest stopped: %r", task.exception())
 
     async def stop(self) -> None:
         """Stop the batcher and disconnect; unacknowledged messages are redelivered."""
@@ -204,10 +226,9 @@ class Ingest:
 
     def _call_soon(self, fn: object, *args: object) -> None:
         assert self._loop is not None
-        try:
+        # A closed loop means shutdown; the broker redelivers what was not acked.
+        with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(fn, *args)  # type: ignore[arg-type]
-        except RuntimeError:
-            pass  # loop closed during shutdown; the broker will redeliver
 
     # -- batcher (event loop) -------------------------------------------------
 
@@ -224,6 +245,10 @@ class Ingest:
             self._acknowledge(deliveries)
             self._confirm(result)
             self._publish_live(batch, result)
+            try:
+                await self._evaluate_alerts(result)
+            except Exception:  # a rule bug must not stop ingest
+                log.exception("alert evaluation failed; readings are stored")
 
     async def _collect(self) -> list[Delivery]:
         """Wait for one message, then take more until the size or time bound."""
@@ -279,6 +304,49 @@ class Ingest:
                 len(result.new_readings),
             )
             return result
+
+    async def _evaluate_alerts(self, result: BatchResult) -> None:
+        """Evaluate new readings, persist alert changes, then publish them."""
+        changes = [c for r in result.new_readings if (c := self._alerts.observe(r))]
+        if not changes:
+            return
+        delay = 0.1
+        while True:
+            try:
+                applied = await asyncio.to_thread(self._alert_store.apply, changes)
+                break
+            except StoreError as exc:
+                log.warning("alert update failed (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._settings.ingest.retry_max_seconds)
+        for change, record, made in applied:
+            if change.kind is ChangeKind.RAISE:
+                self._alerts.bind(change, record.id)
+            if made:
+                self._metrics.alerts.labels(
+                    change.kind.value, change.severity.value
+                ).inc()
+                self.publish_alert(record)
+
+    def publish_alert(self, record: AlertRecord) -> None:
+        """Push an alert's current state to live clients and the MQTT alerts topic."""
+        self._hub.publish_event("alert", record.kiosk_id, record.to_json())
+        if self._client is None:
+            return
+        message = AlertMessage(
+            alert_id=record.id,
+            kiosk_id=record.kiosk_id,
+            metric=Metric(record.metric),
+            severity=AlertSeverity(record.severity),
+            state=AlertState(record.state),
+            value=record.value,
+            at=record.updated_at,
+            scan_id=record.scan_id,
+            estimate=record.estimate,
+            message=record.message,
+        )
+        topic = alert_topic(record.kiosk_id, self._settings.mqtt.root_topic)
+        self._client.publish(topic, message.to_bytes(), qos=1)
 
     def _acknowledge(self, deliveries: list[Delivery]) -> None:
         assert self._client is not None

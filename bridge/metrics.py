@@ -43,6 +43,9 @@ class BridgeMetrics:
         self.ws_dropped = Counter(
             "vitals_ws_dropped_clients", "Clients cut off as too slow", registry=r
         )
+        self.alerts = Counter(
+            "vitals_alerts", "Alert lifecycle changes", ["kind", "severity"], registry=r
+        )
         self.mqtt_connected = Gauge(
             "vitals_mqtt_connected", "1 while connected to the broker", registry=r
         )

@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import logging
 
+from bridge.alerts import AlertEvaluator, load_rules
 from bridge.config import BridgeSettings
 from bridge.hub import Hub
 from bridge.ingest import Ingest
 from bridge.metrics import BridgeMetrics
 from bridge.store import Store
+from bridge.store.alert_store import AlertRecord, AlertStore
 from bridge.store.migrate import upgrade
 from vitals_contract import systemd
 
@@ -25,7 +27,11 @@ class BridgeService:
         self.metrics = BridgeMetrics()
         self.store = Store.from_url(settings.database_url)
         self.hub = Hub(settings.hub.client_queue_size)
-        self.ingest = Ingest(settings, self.store, self.hub, self.metrics)
+        self.alert_store = AlertStore(self.store.engine)
+        self.alerts = AlertEvaluator(load_rules(settings.alert_rules_file))
+        self.ingest = Ingest(
+            settings, self.store, self.hub, self.metrics, self.alerts, self.alert_store
+        )
         self._watchdog: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -35,6 +41,8 @@ class BridgeService:
             path.parent.mkdir(parents=True, exist_ok=True)
         if self.settings.migrate_on_start:
             await asyncio.to_thread(upgrade, self.settings.database_url)
+        for alert in await asyncio.to_thread(self.alert_store.list, open_only=True):
+            self.alerts.restore(alert.kiosk_id, alert.metric, alert.id, alert.severity)
         await self.ingest.start()
         systemd.notify("READY=1")
         interval = systemd.watchdog_interval_seconds()
@@ -49,6 +57,13 @@ class BridgeService:
         while True:
             systemd.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+    async def acknowledge_alert(self, alert_id: int, actor: str) -> AlertRecord | None:
+        """Acknowledge an alert and tell every listener; None when it does not exist."""
+        record = await asyncio.to_thread(self.alert_store.acknowledge, alert_id, actor)
+        if record is not None:
+            self.ingest.publish_alert(record)
+        return record
 
     async def stop(self) -> None:
         """Stop ingest and release the database."""

@@ -57,9 +57,19 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-def _utc(value: datetime) -> datetime:
+def utc(value: datetime) -> datetime:
     """Return ``value`` as aware UTC; SQLite hands back naive datetimes."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def dialect_insert(engine: Engine) -> Any:
+    """Return the dialect's ``insert`` (with ``on_conflict_*``) for ``engine``."""
+    dialect = engine.dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert
+    if dialect == "sqlite":
+        return sqlite.insert
+    raise StoreError(f"unsupported database dialect {dialect!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,8 +178,8 @@ def _reading_from_row(row: Any) -> StoredReading:
         unit=row.unit,
         quality=row.quality,
         final=row.final,
-        measured_at=_utc(row.measured_at),
-        received_at=_utc(row.received_at),
+        measured_at=utc(row.measured_at),
+        received_at=utc(row.received_at),
     )
 
 
@@ -179,13 +189,7 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._progress: dict[str, Progress] = {}
-        dialect = engine.dialect.name
-        if dialect == "postgresql":
-            self._insert: Any = postgresql.insert
-        elif dialect == "sqlite":
-            self._insert = sqlite.insert
-        else:
-            raise StoreError(f"unsupported database dialect {dialect!r}")
+        self._insert = dialect_insert(engine)
 
     @classmethod
     def from_url(cls, url: str) -> Store:
@@ -470,4 +474,4 @@ class Store:
 
 
 def _iso(value: datetime | None) -> str | None:
-    return None if value is None else _utc(value).isoformat()
+    return None if value is None else utc(value).isoformat()

@@ -19,6 +19,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -110,3 +111,49 @@ class DeadLetter(Base):
     reason: Mapped[str] = mapped_column(String(500))
     size_bytes: Mapped[int] = mapped_column(Integer)
     payload: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Alert(Base):
+    """A threshold alert episode: raised, maybe acknowledged, then cleared."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (
+        # At most one open episode per kiosk and metric, whichever bridge raises it.
+        Index(
+            "uq_alerts_open",
+            "kiosk_id",
+            "metric",
+            unique=True,
+            sqlite_where=text("cleared_at IS NULL"),
+            postgresql_where=text("cleared_at IS NULL"),
+        ),
+        Index("ix_alerts_raised", "raised_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    kiosk_id: Mapped[str] = mapped_column(String(64))
+    metric: Mapped[str] = mapped_column(String(32))
+    severity: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    value: Mapped[float] = mapped_column(Float)
+    scan_id: Mapped[str | None] = mapped_column(String(64))
+    message: Mapped[str] = mapped_column(String(200))
+    raised_at: Mapped[datetime] = mapped_column(Timestamp)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp)
+    cleared_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    acknowledged_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    acknowledged_by: Mapped[str | None] = mapped_column(String(128))
+
+
+class AuditEvent(Base):
+    """Who read or changed what, when: reads of patient-linked data and admin acts."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(Timestamp, index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(32))
+    resource: Mapped[str] = mapped_column(String(256))
+    outcome: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[str | None] = mapped_column(String(500))

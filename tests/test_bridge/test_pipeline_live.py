@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -21,6 +22,7 @@ from vitals_contract import (
     Metric,
     Reading,
     ReadingsMessage,
+    alert_topic,
     kiosk_topic,
 )
 
@@ -51,16 +53,21 @@ class Kiosk:
     def _on_message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
         self.confirmed.append(json.loads(msg.payload)["through"])
 
-    def send(self, seqs: list[int], floor: int = 0) -> None:
+    def send(
+        self,
+        seqs: list[int],
+        floor: int = 0,
+        value: Callable[[int], float] | None = None,
+    ) -> None:
         readings = [
             Reading(
                 seq=s,
                 scan_id="scan1",
                 metric=Metric.HEART_RATE,
-                value=60 + s % 40,
+                value=value(s) if value else 60 + s % 30,
                 unit=METRICS[Metric.HEART_RATE].unit,
                 quality=0.9,
-                measured_at=NOW,
+                measured_at=NOW + timedelta(seconds=s),
             )
             for s in seqs
         ]
@@ -201,3 +208,56 @@ def test_bad_requests_get_precise_errors(bridge_server: ServerThread) -> None:
         ws.send('{"type": "hello"}')
         with pytest.raises(Exception, match="4400"):
             ws.recv(5)
+
+
+def test_alert_is_raised_once_pushed_acknowledged_and_cleared(
+    broker: BrokerEndpoint, bridge_server: ServerThread, kiosk: Kiosk
+) -> None:
+    heard: list[dict[str, Any]] = []
+    listener = mqtt.Client(CallbackAPIVersion.VERSION2)
+    listener.on_message = lambda _c, _u, m: heard.append(json.loads(m.payload))
+    listener.connect(broker.host, broker.port)
+    listener.subscribe(alert_topic(kiosk.kiosk_id, broker.root), qos=1)
+    listener.loop_start()
+
+    def next_alert(ws: Any) -> dict[str, Any]:
+        while True:
+            message = json.loads(ws.recv(10))
+            if message["type"] == "alert":
+                return message
+
+    try:
+        with ws_connect(bridge_server.ws_url) as ws:
+            ws.send(json.dumps({"type": "subscribe", "kiosks": [kiosk.kiosk_id]}))
+            # 20 s of tachycardia at 150/min, one reading per second, in two messages.
+            kiosk.send(list(range(10)), value=lambda s: 150)
+            kiosk.send(list(range(10, 20)), value=lambda s: 150)
+            raised = next_alert(ws)
+            assert (raised["state"], raised["severity"], raised["metric"]) == (
+                "raised",
+                "high",
+                "heart_rate",
+            )
+            alert_id = raised["alert_id"]
+
+            url = f"{bridge_server.base}/api/v1/alerts/{alert_id}/ack"
+            assert httpx.post(url).status_code == 200
+            assert next_alert(ws)["state"] == "acknowledged"
+            assert (
+                httpx.post(f"{bridge_server.base}/api/v1/alerts/999999/ack").status_code
+                == 404
+            )
+
+            kiosk.send(list(range(20, 40)), value=lambda s: 72)
+            cleared = next_alert(ws)
+            assert (cleared["alert_id"], cleared["state"]) == (alert_id, "cleared")
+
+        alerts = httpx.get(f"{bridge_server.base}/api/v1/alerts").json()
+        assert [a["alert_id"] for a in alerts] == [alert_id]
+        assert wait_for(
+            lambda: [h["state"] for h in heard] == ["raised", "acknowledged", "cleared"]
+        )
+        assert all(h["kiosk_id"] == kiosk.kiosk_id for h in heard)
+    finally:
+        listener.disconnect()
+        listener.loop_stop()
