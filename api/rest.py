@@ -57,6 +57,12 @@ def metrics(bridge: BridgeDep) -> Response:
     )
 
 
+@router.get("/api/v1/dashboard/config", tags=["dashboard"])
+def dashboard_config(bridge: BridgeDep) -> dict[str, Any]:
+    """Tell the dashboard its display settings."""
+    return {"stale_seconds": bridge.settings.dashboard.stale_seconds}
+
+
 @router.get("/api/v1/kiosks", tags=["kiosks"])
 def list_kiosks(bridge: BridgeDep) -> list[dict[str, Any]]:
     """List known kiosks with their state and delivery mark."""

@@ -54,6 +54,16 @@ class HubSettings(BaseModel):
     )
 
 
+class DashboardSettings(BaseModel):
+    """What the browser dashboard is told at start-up."""
+
+    stale_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Mark a kiosk's values stale after this long without a reading.",
+    )
+
+
 class BridgeSettings(TomlEnvSettings):
     """Everything the bridge and the API read at start-up."""
 
@@ -69,6 +79,7 @@ class BridgeSettings(TomlEnvSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     hub: HubSettings = Field(default_factory=HubSettings)
+    dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     alert_rules_file: Path | None = Field(
         default=None,
         description="TOML alert rules; unset uses the packaged adult NEWS2-based rules.",

@@ -80,12 +80,12 @@ class EmbeddedBroker:
 class ServerThread:
     """uvicorn serving the API in a background thread on a free port."""
 
-    def __init__(self, settings: BridgeSettings) -> None:
+    def __init__(self, settings: BridgeSettings, port: int | None = None) -> None:
         import uvicorn
 
         from api.app import create_app
 
-        self.port = free_port()
+        self.port = port or free_port()
         config = uvicorn.Config(
             create_app(settings),
             host="127.0.0.1",
