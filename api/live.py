@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Literal
+from collections.abc import AsyncIterator
+from typing import Any, Literal
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -76,7 +77,8 @@ async def live_socket(ws: WebSocket, bridge: BridgeDep) -> None:
         client.subscription = request.subscription()
         await ws.send_json({"type": "subscribed"})
         if request.since is not None:
-            await _replay(ws, bridge, client, request)
+            async for message in replay(bridge, client, request.since):
+                await ws.send_json(message)
         await _stream(ws, client)
     except WebSocketDisconnect:
         pass
@@ -84,13 +86,17 @@ async def live_socket(ws: WebSocket, bridge: BridgeDep) -> None:
         bridge.hub.unregister(client)
 
 
-async def _replay(
-    ws: WebSocket, bridge: BridgeService, client: HubClient, request: SubscribeRequest
-) -> None:
-    """Send stored readings after ``request.since`` before live data resumes."""
+async def replay(
+    bridge: BridgeService, client: HubClient, since: int
+) -> AsyncIterator[dict[str, Any]]:
+    """Yield stored readings after ``since`` that match, page by page.
+
+    The client must already be subscribed, so that live readings committed during
+    the replay queue up; those the replay covered are skipped when streamed.
+    """
     sub = client.subscription
-    assert sub is not None and request.since is not None
-    after = request.since
+    assert sub is not None
+    after = since
     page = bridge.settings.hub.replay_page_size
     while True:
         rows = await asyncio.to_thread(
@@ -101,12 +107,17 @@ async def _replay(
             limit=page,
         )
         for r in rows:
-            await ws.send_json({"type": "reading", "replay": True, **r.to_json()})
+            yield {"type": "reading", "replay": True, **r.to_json()}
         if rows:
             after = rows[-1].id
             client.replayed_through = after
         if len(rows) < page:
             return
+
+
+def already_replayed(client: HubClient, message: dict[str, Any]) -> bool:
+    """Tell whether a queued live reading was sent by the replay already."""
+    return message.get("type") == "reading" and message["id"] <= client.replayed_through
 
 
 async def _stream(ws: WebSocket, client: HubClient) -> None:
@@ -127,10 +138,7 @@ async def _stream(ws: WebSocket, client: HubClient) -> None:
                     await ws.close(CLOSE_SLOW_CONSUMER, "client too slow")
                 return
             message = getter.result()
-            if (
-                message.get("type") == "reading"
-                and message["id"] <= client.replayed_through
-            ):
+            if already_replayed(client, message):
                 continue
             await ws.send_json(message)
     finally:

@@ -261,3 +261,34 @@ def test_alert_is_raised_once_pushed_acknowledged_and_cleared(
     finally:
         listener.disconnect()
         listener.loop_stop()
+
+
+def test_server_sent_events_resume_from_last_event_id(
+    bridge_server: ServerThread, kiosk: Kiosk
+) -> None:
+    kiosk.send(list(range(6)))
+    assert wait_for(
+        lambda: len(get_readings(bridge_server, kiosk_id=kiosk.kiosk_id)) == 6
+    )
+    third = get_readings(bridge_server, kiosk_id=kiosk.kiosk_id)[2]
+
+    url = f"{bridge_server.base}/api/v1/stream"
+    headers = {"Last-Event-ID": str(third["id"])}
+    seqs: list[int] = []
+    with httpx.stream(
+        "GET", url, params={"kiosk_id": kiosk.kiosk_id}, headers=headers, timeout=10
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        event = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                event = line[len("event: ") :]
+            elif line.startswith("data: ") and event == "reading":
+                seqs.append(json.loads(line[len("data: ") :])["seq"])
+                if len(seqs) == 3:
+                    kiosk.send([6, 7])
+                if len(seqs) == 5:
+                    break
+    assert seqs == [3, 4, 5, 6, 7]
+    bad = httpx.get(url, headers={"Last-Event-ID": "abc"})
+    assert bad.status_code == 422
