@@ -1,4 +1,4 @@
-"""The FastAPI application: health, readings history, the live socket and page."""
+"""The FastAPI application: REST, live feeds, FHIR R4 and the dashboard."""
 
 from __future__ import annotations
 
@@ -6,10 +6,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
-from api import live, rest
+from api import errors, live, oauth, rest, stream
+from api.auth import TokenService
+from api.fhir import router as fhir_router
+from api.fhir_guard import fhir_guard
+from api.security import Auditor, RateLimiter
 from bridge.config import BridgeSettings
 from bridge.service import BridgeService
 
@@ -18,11 +24,10 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 def create_app(settings: BridgeSettings) -> FastAPI:
     """Build the app; the bridge starts and stops with it."""
+    service = BridgeService(settings)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = BridgeService(settings)
-        app.state.bridge = service
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await service.start()
         try:
             yield
@@ -35,8 +40,29 @@ def create_app(settings: BridgeSettings) -> FastAPI:
         summary="Camera vital signs from clinic kiosks: history, live data, FHIR R4.",
         lifespan=lifespan,
     )
+    app.state.bridge = service
+    app.state.tokens = TokenService(settings.auth, service.store.engine)
+    app.state.auditor = Auditor(service.store.engine)
+    app.state.limiter = RateLimiter(
+        settings.limits.requests_per_second, settings.limits.burst
+    )
+
+    errors.install(app)
+    app.add_middleware(errors.BodyLimit, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.auth.cors_origins,
+        allow_methods=["GET", "POST"],
+        allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+    )
+
+    app.include_router(oauth.router)
     app.include_router(rest.router)
     app.include_router(live.router)
+    app.include_router(stream.router)
+    app.include_router(fhir_router, dependencies=[Depends(fhir_guard)])
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

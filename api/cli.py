@@ -60,6 +60,34 @@ def config_example() -> None:
 
 
 @app.command()
+def token(
+    subject: Annotated[
+        str, typer.Option(help="Who the token is for (logged, audited).")
+    ],
+    scope: Annotated[
+        list[str], typer.Option(help="Scope to grant; repeat for several.")
+    ],
+    ttl: Annotated[int, typer.Option(help="Lifetime in seconds.")] = 8 * 3600,
+    config: ConfigOption = None,
+) -> None:
+    """Mint an access token (e.g. for a dashboard sign-in) with the configured key."""
+    from api.auth import sign_token
+
+    settings = BridgeSettings.load(config)
+    typer.echo(sign_token(settings.auth, subject, scope, ttl))
+
+
+@app.command("hash-secret")
+def hash_secret_command(
+    secret: Annotated[str, typer.Option(prompt=True, hide_input=True)],
+) -> None:
+    """Hash an API client secret for the `auth.clients` settings."""
+    from api.auth import hash_secret
+
+    typer.echo(hash_secret(secret))
+
+
+@app.command()
 def migrate(config: ConfigOption = None, log_level: LogLevel = "info") -> None:
     """Apply database migrations and exit."""
     _logging(log_level)

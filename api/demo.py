@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -17,13 +18,19 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from pydantic import SecretStr
+
+from api.auth import ACK, ADMIN, PATIENT_READ, READ, sign_token
 from bridge.broker import free_port, port_is_free
+from bridge.config import AuthSettings
 
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_SECONDS = 60.0
 DEMO_KIOSK = "demo-kiosk-1"
+DEMO_SCOPES = [READ, ACK, PATIENT_READ, ADMIN]
+DEMO_TOKEN_TTL_SECONDS = 8 * 3600
 
 
 def _pick_port(preferred: int) -> int:
@@ -61,6 +68,9 @@ def run_demo(workdir: Path, duration: float) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     mqtt_port = _pick_port(1883)
     http_port = _pick_port(8000)
+    # Security stays on in the demo: a fresh key per run, and a token to sign in with.
+    auth = AuthSettings(jwt_secret=SecretStr(secrets.token_hex(32)))
+    sign_in = sign_token(auth, "demo-user", DEMO_SCOPES, DEMO_TOKEN_TTL_SECONDS)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         procs.append(
@@ -74,6 +84,8 @@ def run_demo(workdir: Path, duration: float) -> int:
             _spawn(
                 ["api.cli", "run"],
                 {
+                    "VITALS_ENVIRONMENT": "demo",
+                    "VITALS_AUTH__JWT_SECRET": auth.jwt_secret.get_secret_value(),
                     "VITALS_DATABASE_URL": f"sqlite:///{workdir / 'vitals.db'}",
                     "VITALS_MQTT__PORT": str(mqtt_port),
                     "VITALS_HTTP__PORT": str(http_port),
@@ -98,7 +110,10 @@ def run_demo(workdir: Path, duration: float) -> int:
         print(f"broker  mqtt://{HOST}:{mqtt_port} (embedded amqtt)")
         print(f"api     {base}/docs")
         print(f"logs    {workdir}/")
-        print(f"\nLive page: {base}/\n\nCtrl-C stops the demo.", flush=True)
+        print(f"\nsign-in token (8 h): {sign_in}")
+        # The token rides in the URL fragment, which browsers never send to servers.
+        print(f"\nLive page: {base}/#token={sign_in}\n\nCtrl-C stops the demo.")
+        sys.stdout.flush()
         deadline = time.monotonic() + duration if duration > 0 else None
         while deadline is None or time.monotonic() < deadline:
             if any(p.poll() is not None for p in procs):

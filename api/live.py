@@ -11,7 +11,13 @@ Protocol (JSON text frames):
   replays every stored reading with ``id > since`` that matches, then streams live
   ``reading``, ``status`` and ``alert`` messages. Each reading carries its ``id``; a
   client that reconnects passes the last one it saw as ``since`` and misses nothing.
-* close codes: 4008 the client read too slowly and was cut off; 4400 bad subscription.
+* authentication happens at the handshake: the client offers the subprotocols
+  ``vitals.v1`` and ``bearer.<access token>`` (scope ``vitals.read``); the server
+  selects ``vitals.v1``. Before the token expires the client may send
+  ``{"type": "refresh", "token": "..."}``; the server answers ``refreshed``.
+* close codes: 4008 the client read too slowly and was cut off; 4400 bad
+  subscription; 4401 token missing, invalid, expired or revoked (no data flows
+  after it); 4403 token lacks the scope.
 """
 
 from __future__ import annotations
@@ -19,13 +25,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from api.auth import READ, AuthError, Principal
 from api.deps import BridgeDep
+from api.security import auditor, tokens
 from bridge.hub import CLOSE_BAD_REQUEST, CLOSE_SLOW_CONSUMER, HubClient, Subscription
 from bridge.service import BridgeService
 from vitals_contract import Metric
@@ -34,6 +43,20 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 SUBSCRIBE_TIMEOUT_SECONDS = 10.0
+REVOCATION_CHECK_SECONDS = 5.0
+SUBPROTOCOL = "vitals.v1"
+BEARER_PREFIX = "bearer."
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403
+
+
+class RefreshRequest(BaseModel):
+    """An in-band token refresh."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["refresh"]
+    token: str = Field(min_length=1, max_length=8192)
 
 
 class SubscribeRequest(BaseModel):
@@ -61,7 +84,19 @@ class SubscribeRequest(BaseModel):
 @router.websocket("/ws")
 async def live_socket(ws: WebSocket, bridge: BridgeDep) -> None:
     """Stream live vitals to one client."""
-    await ws.accept()
+    offered: list[str] = ws.scope.get("subprotocols", [])
+    token = next(
+        (p.removeprefix(BEARER_PREFIX) for p in offered if p.startswith(BEARER_PREFIX)),
+        None,
+    )
+    await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+    try:
+        session = _Session(_authenticate(ws, token))
+    except AuthError as exc:
+        await ws.close(
+            CLOSE_FORBIDDEN if exc.status == 403 else CLOSE_UNAUTHORIZED, exc.message
+        )
+        return
     try:
         raw = await asyncio.wait_for(ws.receive_text(), SUBSCRIBE_TIMEOUT_SECONDS)
         request = SubscribeRequest.model_validate_json(raw)
@@ -70,20 +105,40 @@ async def live_socket(ws: WebSocket, bridge: BridgeDep) -> None:
         return
     except WebSocketDisconnect:
         return
+    await auditor(ws).arecord(session.principal.subject, "subscribe", "ws")
 
     client = bridge.hub.register()
     try:
         # Subscribe first so nothing committed during the replay is missed.
         client.subscription = request.subscription()
-        await ws.send_json({"type": "subscribed"})
+        await ws.send_json(
+            {"type": "subscribed", "expires_at": session.principal.expires_at}
+        )
         if request.since is not None:
             async for message in replay(bridge, client, request.since):
                 await ws.send_json(message)
-        await _stream(ws, client)
+        await _stream(ws, client, session)
     except WebSocketDisconnect:
         pass
     finally:
         bridge.hub.unregister(client)
+
+
+class _Session:
+    """The principal behind one socket, replaced by in-band refreshes."""
+
+    def __init__(self, principal: Principal) -> None:
+        self.principal = principal
+        self.changed = asyncio.Event()
+
+
+def _authenticate(ws: WebSocket, token: str | None) -> Principal:
+    if not token:
+        raise AuthError(401, "invalid_token", "bearer token required")
+    principal = tokens(ws).verify(token)
+    if not principal.allows(READ):
+        raise AuthError(403, "insufficient_scope", f"requires scope {READ}")
+    return principal
 
 
 async def replay(
@@ -120,37 +175,68 @@ def already_replayed(client: HubClient, message: dict[str, Any]) -> bool:
     return message.get("type") == "reading" and message["id"] <= client.replayed_through
 
 
-async def _stream(ws: WebSocket, client: HubClient) -> None:
-    """Forward queued messages until the client leaves or falls too far behind."""
-    dropped = asyncio.create_task(
-        client.dropped.wait(), name=f"ws[{client.number}]drop"
-    )
-    receiver = asyncio.create_task(_drain_incoming(ws), name=f"ws[{client.number}]recv")
+async def _stream(ws: WebSocket, client: HubClient, session: _Session) -> None:
+    """Forward queued messages until the client leaves, lags or loses its token."""
+    name = f"ws[{client.number}]"
+    dropped = asyncio.create_task(client.dropped.wait(), name=f"{name}drop")
+    receiver = asyncio.create_task(_incoming(ws, session), name=f"{name}recv")
+    watch = asyncio.create_task(_watch_token(ws, session), name=f"{name}auth")
     try:
         while True:
             getter = asyncio.create_task(client.queue.get())
             done, _ = await asyncio.wait(
-                {getter, dropped, receiver}, return_when=asyncio.FIRST_COMPLETED
+                {getter, dropped, receiver, watch}, return_when=asyncio.FIRST_COMPLETED
             )
             if getter not in done:
                 getter.cancel()
                 if dropped in done:
                     await ws.close(CLOSE_SLOW_CONSUMER, "client too slow")
+                elif watch in done or receiver in done:
+                    reason = (watch if watch in done else receiver).result()
+                    if reason:
+                        await ws.close(CLOSE_UNAUTHORIZED, reason)
                 return
             message = getter.result()
             if already_replayed(client, message):
                 continue
             await ws.send_json(message)
     finally:
-        for task in (dropped, receiver):
+        for task in (dropped, receiver, watch):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
                 await task
 
 
-async def _drain_incoming(ws: WebSocket) -> None:
-    """Read and ignore further client frames; return when the client goes away."""
+async def _incoming(ws: WebSocket, session: _Session) -> str | None:
+    """Handle client frames (token refresh); return a close reason, or None on leave."""
     while True:
         message = await ws.receive()
         if message["type"] == "websocket.disconnect":
-            return
+            return None
+        try:
+            frame = RefreshRequest.model_validate_json(message.get("text") or "")
+            session.principal = _authenticate(ws, frame.token)
+        except ValidationError:
+            continue  # not a refresh: ignored, as documented
+        except AuthError as exc:
+            return f"refresh refused: {exc.message}"
+        session.changed.set()
+        await ws.send_json(
+            {"type": "refreshed", "expires_at": session.principal.expires_at}
+        )
+
+
+async def _watch_token(ws: WebSocket, session: _Session) -> str:
+    """Return when the current token has expired or been revoked."""
+    while True:
+        principal = session.principal
+        if tokens(ws).is_revoked(principal.jti):
+            return "token revoked"
+        remaining = principal.expires_at - time.time()
+        if remaining <= 0:
+            return "token expired"
+        session.changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                session.changed.wait(), min(remaining, REVOCATION_CHECK_SECONDS)
+            )

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AwareDatetime, BaseModel
 
+from api.auth import ACK, ADMIN, METRICS_READ, READ, Principal
 from api.deps import BridgeDep
+from api.security import auditor, require
 from bridge.errors import StoreError
 from vitals_contract import Metric, is_valid_kiosk_id
 
@@ -48,8 +50,13 @@ def ready(bridge: BridgeDep, response: Response) -> dict[str, Any]:
     return {"status": "ready" if ok else "not ready", "checks": checks}
 
 
+ReadDep = Annotated[Principal, Depends(require(READ))]
+
+
 @router.get("/metrics", tags=["operations"], response_class=Response)
-def metrics(bridge: BridgeDep) -> Response:
+def metrics(
+    bridge: BridgeDep, _p: Annotated[Principal, Depends(require(METRICS_READ))]
+) -> Response:
     """Expose Prometheus metrics."""
     bridge.metrics.ws_clients.set(len(bridge.hub))
     return Response(
@@ -58,13 +65,13 @@ def metrics(bridge: BridgeDep) -> Response:
 
 
 @router.get("/api/v1/dashboard/config", tags=["dashboard"])
-def dashboard_config(bridge: BridgeDep) -> dict[str, Any]:
+def dashboard_config(bridge: BridgeDep, _p: ReadDep) -> dict[str, Any]:
     """Tell the dashboard its display settings."""
     return {"stale_seconds": bridge.settings.dashboard.stale_seconds}
 
 
 @router.get("/api/v1/kiosks", tags=["kiosks"])
-def list_kiosks(bridge: BridgeDep) -> list[dict[str, Any]]:
+def list_kiosks(bridge: BridgeDep, _p: ReadDep) -> list[dict[str, Any]]:
     """List known kiosks with their state and delivery mark."""
     try:
         return bridge.store.kiosks()
@@ -74,7 +81,9 @@ def list_kiosks(bridge: BridgeDep) -> list[dict[str, Any]]:
 
 @router.get("/api/v1/readings", tags=["readings"])
 def list_readings(
+    request: Request,
     bridge: BridgeDep,
+    principal: ReadDep,
     kiosk_id: Annotated[
         list[str] | None, Query(description="Repeat to select several kiosks.")
     ] = None,
@@ -105,6 +114,9 @@ def list_readings(
         )
     except StoreError as exc:
         raise HTTPException(503, "database unavailable") from exc
+    auditor(request).record(
+        principal.subject, "read", f"readings?{request.url.query}"[:256]
+    )
     next_cursor = str(rows[-1].id) if len(rows) == limit else None
     return ReadingsPage(items=[r.to_json() for r in rows], next_cursor=next_cursor)
 
@@ -112,6 +124,7 @@ def list_readings(
 @router.get("/api/v1/alerts", tags=["alerts"])
 def list_alerts(
     bridge: BridgeDep,
+    _p: ReadDep,
     open_only: Annotated[bool, Query(alias="open")] = False,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
 ) -> list[dict[str, Any]]:
@@ -126,13 +139,44 @@ def list_alerts(
 
 
 @router.post("/api/v1/alerts/{alert_id}/ack", tags=["alerts"])
-async def acknowledge_alert(alert_id: int, bridge: BridgeDep) -> dict[str, Any]:
+async def acknowledge_alert(
+    alert_id: int,
+    request: Request,
+    bridge: BridgeDep,
+    principal: Annotated[Principal, Depends(require(ACK))],
+) -> dict[str, Any]:
     """Acknowledge an alert; it stays open until the values come back in range."""
     try:
-        # TODO: record the authenticated user once API authentication lands (issue 7).
-        record = await bridge.acknowledge_alert(alert_id, actor="anonymous")
+        record = await bridge.acknowledge_alert(alert_id, actor=principal.subject)
+        await auditor(request).arecord(principal.subject, "ack", f"alert:{alert_id}")
     except StoreError as exc:
         raise HTTPException(503, "database unavailable") from exc
     if record is None:
         raise HTTPException(404, "no such alert")
     return record.to_json()
+
+
+@router.get("/api/v1/audit", tags=["admin"])
+def read_audit(
+    bridge: BridgeDep,
+    _p: Annotated[Principal, Depends(require(ADMIN))],
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+) -> list[dict[str, Any]]:
+    """Return the newest audit events: who read or changed what, when."""
+    from sqlalchemy import select
+
+    from bridge.store.models import AuditEvent
+
+    query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+    with bridge.store.engine.connect() as conn:
+        return [
+            {
+                "id": e.id,
+                "at": e.at.isoformat(),
+                "actor": e.actor,
+                "action": e.action,
+                "resource": e.resource,
+                "outcome": e.outcome,
+            }
+            for e in conn.execute(query)
+        ]

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 
+from api.auth import READ, Principal
 from api.deps import BridgeDep
 from api.live import already_replayed, replay
+from api.security import auditor, require, tokens
 from bridge.hub import Subscription
 from vitals_contract import Metric, is_valid_kiosk_id
 
@@ -39,6 +42,7 @@ def _event(message: dict[str, Any]) -> str:
 async def stream(
     request: Request,
     bridge: BridgeDep,
+    principal: Annotated[Principal, Depends(require(READ))],
     kiosk_id: Annotated[list[str] | None, Query()] = None,
     metric: Annotated[list[Metric] | None, Query()] = None,
     since: Annotated[int | None, Query(ge=0)] = None,
@@ -52,19 +56,24 @@ async def stream(
         if not last_event_id.isdigit():
             raise HTTPException(422, "Last-Event-ID must be a reading id")
         since = int(last_event_id)
+    await auditor(request).arecord(principal.subject, "subscribe", "stream")
     subscription = Subscription(
         kiosks=frozenset(kiosk_id) if kiosk_id else None,
         metrics=frozenset(m.value for m in metric) if metric else None,
     )
     return StreamingResponse(
-        _events(request, bridge, subscription, since),
+        _events(request, bridge, subscription, since, principal),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
 
 
 async def _events(
-    request: Request, bridge: Any, subscription: Subscription, since: int | None
+    request: Request,
+    bridge: Any,
+    subscription: Subscription,
+    since: int | None,
+    principal: Principal,
 ) -> AsyncIterator[str]:
     client = bridge.hub.register()
     client.subscription = subscription
@@ -74,6 +83,11 @@ async def _events(
             async for message in replay(bridge, client, since):
                 yield _event(message)
         while not client.dropped.is_set():
+            if time.time() >= principal.expires_at or tokens(request).is_revoked(
+                principal.jti
+            ):
+                yield 'event: auth\ndata: {"error":"token expired or revoked"}\n\n'
+                return
             try:
                 message = await asyncio.wait_for(client.queue.get(), HEARTBEAT_SECONDS)
             except TimeoutError:

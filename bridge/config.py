@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, Self
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from vitals_contract.settings import MqttSettings, TomlEnvSettings
@@ -64,6 +65,54 @@ class DashboardSettings(BaseModel):
     )
 
 
+DEMO_JWT_SECRET = "demo-only-secret-change-me-0123456789abcdef"  # noqa: S105
+MIN_SECRET_LENGTH = 32
+
+
+class ApiClient(BaseModel):
+    """A machine client (EHR, integration) allowed the client-credentials grant."""
+
+    client_id: str = Field(min_length=1, max_length=128)
+    secret_hash: str = Field(
+        description="Argon2 hash of the client secret: `vitals-bridge hash-secret`."
+    )
+    scopes: list[str] = Field(default_factory=list)
+
+
+class AuthSettings(BaseModel):
+    """OAuth2 bearer tokens (JWT, HS256) for every data endpoint."""
+
+    jwt_secret: SecretStr = Field(
+        default=SecretStr(DEMO_JWT_SECRET),
+        description="HMAC key for tokens; at least 32 characters; never the default "
+        "outside the demo.",
+    )
+    issuer: str = Field(default="kiosk-vitals", description="Token `iss` claim.")
+    audience: str = Field(default="kiosk-vitals-api", description="Token `aud` claim.")
+    token_ttl_seconds: int = Field(
+        default=900, ge=60, le=86_400, description="Lifetime of issued tokens."
+    )
+    clients: list[ApiClient] = Field(
+        default_factory=list, description="Clients of the client-credentials grant."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins allowed cross-origin; empty allows none.",
+    )
+
+
+class LimitSettings(BaseModel):
+    """Input limits of the HTTP API."""
+
+    max_body_bytes: int = Field(
+        default=1_048_576, ge=1024, description="Largest accepted request body."
+    )
+    requests_per_second: float = Field(
+        default=50.0, gt=0, description="Sustained request rate per client."
+    )
+    burst: int = Field(default=200, ge=1, description="Requests a client may burst.")
+
+
 class BridgeSettings(TomlEnvSettings):
     """Everything the bridge and the API read at start-up."""
 
@@ -80,14 +129,31 @@ class BridgeSettings(TomlEnvSettings):
     http: HttpSettings = Field(default_factory=HttpSettings)
     hub: HubSettings = Field(default_factory=HubSettings)
     dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    environment: Literal["demo", "production"] = Field(
+        default="production",
+        description="`demo` accepts the built-in demo secret; `production` refuses it.",
+    )
     alert_rules_file: Path | None = Field(
         default=None,
-        description="TOML alert rules; unset uses the packaged adult NEWS2-based rules.",
+        description="TOML alert rules; unset uses the packaged adult NEWS2 rules.",
     )
     migrate_on_start: bool = Field(
         default=True,
         description="Apply migrations at start-up; production runs them separately.",
     )
+
+    @model_validator(mode="after")
+    def _refuse_default_secrets(self) -> Self:
+        secret = self.auth.jwt_secret.get_secret_value()
+        if self.environment != "demo" and secret == DEMO_JWT_SECRET:
+            raise ValueError(
+                "auth.jwt_secret is the demo default; set VITALS_AUTH__JWT_SECRET"
+            )
+        if len(secret) < MIN_SECRET_LENGTH:
+            raise ValueError(f"auth.jwt_secret needs {MIN_SECRET_LENGTH}+ characters")
+        return self
 
     def sqlite_path(self) -> Path | None:
         """Return the SQLite file path, or None for other databases."""

@@ -15,8 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
+from websockets.typing import Subprotocol
+
 from bridge.broker import DEFAULT_CONFIG, free_port, load_config
 from bridge.config import BridgeSettings
+
+TEST_JWT_SECRET = "test-secret-" + uuid.uuid4().hex + uuid.uuid4().hex
+ALL_TEST_SCOPES = ("vitals.read", "vitals.alerts.ack", "vitals.metrics", "vitals.admin")
 
 
 def tcp_reachable(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -86,8 +92,9 @@ class ServerThread:
         from api.app import create_app
 
         self.port = port or free_port()
+        self.app = create_app(settings)
         config = uvicorn.Config(
-            create_app(settings),
+            self.app,
             host="127.0.0.1",
             port=self.port,
             log_level="warning",
@@ -105,6 +112,28 @@ class ServerThread:
     @property
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
+
+    def token(
+        self, scopes: tuple[str, ...] = ALL_TEST_SCOPES, ttl: int | None = None
+    ) -> str:
+        """Mint an access token signed with the server's key."""
+        issued: str = self.app.state.tokens.issue("test-user", list(scopes), ttl)
+        return issued
+
+    def http(self, scopes: tuple[str, ...] = ALL_TEST_SCOPES) -> httpx.Client:
+        """An HTTP client authenticated with ``scopes``."""
+        headers = {"Authorization": f"Bearer {self.token(scopes)}"}
+        return httpx.Client(base_url=self.base, headers=headers, timeout=10)
+
+    def ws(
+        self, scopes: tuple[str, ...] = ALL_TEST_SCOPES, token: str | None = None
+    ) -> Any:
+        """Open the live WebSocket, authenticated at the handshake."""
+        from websockets.sync.client import connect
+
+        bearer = token or self.token(scopes)
+        protocols = [Subprotocol("vitals.v1"), Subprotocol(f"bearer.{bearer}")]
+        return connect(self.ws_url, subprotocols=protocols)
 
     def start(self) -> None:
         self._thread.start()
@@ -127,6 +156,7 @@ def bridge_settings(
     """Settings for a bridge on ``broker`` and ``database_url`` with a private root."""
     return BridgeSettings(
         database_url=database_url,
+        auth={"jwt_secret": TEST_JWT_SECRET},
         mqtt={"host": broker.host, "port": broker.port, "root_topic": broker.root},
         ingest={"client_id": f"bridge-{uuid.uuid4().hex[:8]}"},
         **extra,

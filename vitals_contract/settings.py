@@ -99,7 +99,9 @@ def _render_model(
             lines.append(f"# {field.description}")
         lines.append(f"# env: {env}")
         default = field.get_default(call_default_factory=True)
-        if default is None:
+        if isinstance(default, SecretStr):
+            lines.append(f'# {name} = "<secret: set it here or in {env}>"')
+        elif default is None:
             lines.append(f"# {name} =")
         else:
             lines.append(f"{name} = {_toml_value(default)}")

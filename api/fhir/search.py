@@ -94,7 +94,7 @@ class DateFilter:
 
 @dataclass(frozen=True, slots=True)
 class Token:
-    """A token value: ``system|code``, ``|code`` (no system), ``code`` or ``system|``."""
+    """A token: ``system|code``, ``|code`` (no system), ``code`` or ``system|``."""
 
     system: str | None  # None: any system; "": no system
     code: str | None  # None: any code

@@ -157,3 +157,13 @@ class AuditEvent(Base):
     resource: Mapped[str] = mapped_column(String(256))
     outcome: Mapped[str] = mapped_column(String(16))
     detail: Mapped[str | None] = mapped_column(String(500))
+
+
+class RevokedToken(Base):
+    """An access token withdrawn before its expiry, by its ``jti``."""
+
+    __tablename__ = "revoked_tokens"
+
+    jti: Mapped[str] = mapped_column(String(64), primary_key=True)
+    revoked_at: Mapped[datetime] = mapped_column(Timestamp)
+    expires_at: Mapped[datetime] = mapped_column(Timestamp, index=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import create_engine, text
-from support import Proc, TcpProxy, tcp_reachable, wait_for
+from support import TEST_JWT_SECRET, Proc, TcpProxy, tcp_reachable, wait_for
 
 from bridge.broker import free_port
 
@@ -94,6 +94,7 @@ class Stack:
     def start_bridge(self) -> None:
         env = {
             "VITALS_DATABASE_URL": self.database_url,
+            "VITALS_AUTH__JWT_SECRET": TEST_JWT_SECRET,
             "VITALS_MQTT__PORT": str(self.broker.port),
             "VITALS_MQTT__ROOT_TOPIC": self.root,
             "VITALS_HTTP__PORT": str(self.http_port),

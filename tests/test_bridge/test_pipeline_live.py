@@ -14,7 +14,6 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from support import BrokerEndpoint, ServerThread, wait_for
-from websockets.sync.client import connect as ws_connect
 
 from vitals_contract import (
     METRICS,
@@ -89,9 +88,7 @@ def get_readings(server: ServerThread, **params: Any) -> list[dict[str, Any]]:
     cursor = None
     while True:
         query = {**params, "limit": 50, **({"cursor": cursor} if cursor else {})}
-        page = httpx.get(
-            f"{server.base}/api/v1/readings", params=query, timeout=5
-        ).json()
+        page = server.http().get("/api/v1/readings", params=query).json()
         items.extend(page["items"])
         cursor = page["next_cursor"]
         if cursor is None:
@@ -109,7 +106,7 @@ def kiosk(broker: BrokerEndpoint, bridge_server: ServerThread) -> Any:
 def test_readings_flow_to_sql_rest_and_websocket_once_and_in_order(
     bridge_server: ServerThread, kiosk: Kiosk
 ) -> None:
-    with ws_connect(bridge_server.ws_url) as ws:
+    with bridge_server.ws() as ws:
         ws.send(json.dumps({"type": "subscribe", "kiosks": [kiosk.kiosk_id]}))
         assert json.loads(ws.recv(5))["type"] == "subscribed"
 
@@ -159,7 +156,7 @@ def test_bad_messages_become_dead_letters_and_spare_the_good(
     stored = get_readings(bridge_server, kiosk_id=kiosk.kiosk_id)
     assert [r["seq"] for r in stored] == [0, 1, 2, 4]
     assert stored[2]["estimate"] is True
-    metrics = httpx.get(f"{bridge_server.base}/metrics").text
+    metrics = bridge_server.http().get("/metrics").text
     assert "vitals_ingest_dead_letters_total 3.0" in metrics
 
 
@@ -172,7 +169,7 @@ def test_websocket_resume_replays_the_gap(
     )
     seen = get_readings(bridge_server, kiosk_id=kiosk.kiosk_id)[:4]
 
-    with ws_connect(bridge_server.ws_url) as ws:
+    with bridge_server.ws() as ws:
         ws.send(
             json.dumps(
                 {
@@ -202,9 +199,9 @@ def test_bad_requests_get_precise_errors(bridge_server: ServerThread) -> None:
         {"kiosk_id": "a/b"},
     ]
     for params in bad:
-        response = httpx.get(f"{bridge_server.base}/api/v1/readings", params=params)
+        response = bridge_server.http().get("/api/v1/readings", params=params)
         assert response.status_code == 422, params
-    with ws_connect(bridge_server.ws_url) as ws:
+    with bridge_server.ws() as ws:
         ws.send('{"type": "hello"}')
         with pytest.raises(Exception, match="4400"):
             ws.recv(5)
@@ -227,7 +224,7 @@ def test_alert_is_raised_once_pushed_acknowledged_and_cleared(
                 return message
 
     try:
-        with ws_connect(bridge_server.ws_url) as ws:
+        with bridge_server.ws() as ws:
             ws.send(json.dumps({"type": "subscribe", "kiosks": [kiosk.kiosk_id]}))
             # 20 s of tachycardia at 150/min, one reading per second, in two messages.
             kiosk.send(list(range(10)), value=lambda s: 150)
@@ -240,19 +237,16 @@ def test_alert_is_raised_once_pushed_acknowledged_and_cleared(
             )
             alert_id = raised["alert_id"]
 
-            url = f"{bridge_server.base}/api/v1/alerts/{alert_id}/ack"
-            assert httpx.post(url).status_code == 200
+            client = bridge_server.http()
+            assert client.post(f"/api/v1/alerts/{alert_id}/ack").status_code == 200
             assert next_alert(ws)["state"] == "acknowledged"
-            assert (
-                httpx.post(f"{bridge_server.base}/api/v1/alerts/999999/ack").status_code
-                == 404
-            )
+            assert client.post("/api/v1/alerts/999999/ack").status_code == 404
 
             kiosk.send(list(range(20, 40)), value=lambda s: 72)
             cleared = next_alert(ws)
             assert (cleared["alert_id"], cleared["state"]) == (alert_id, "cleared")
 
-        alerts = httpx.get(f"{bridge_server.base}/api/v1/alerts").json()
+        alerts = bridge_server.http().get("/api/v1/alerts").json()
         assert [a["alert_id"] for a in alerts] == [alert_id]
         assert wait_for(
             lambda: [h["state"] for h in heard] == ["raised", "acknowledged", "cleared"]
@@ -272,11 +266,11 @@ def test_server_sent_events_resume_from_last_event_id(
     )
     third = get_readings(bridge_server, kiosk_id=kiosk.kiosk_id)[2]
 
-    url = f"{bridge_server.base}/api/v1/stream"
+    client = bridge_server.http()
     headers = {"Last-Event-ID": str(third["id"])}
     seqs: list[int] = []
-    with httpx.stream(
-        "GET", url, params={"kiosk_id": kiosk.kiosk_id}, headers=headers, timeout=10
+    with client.stream(
+        "GET", "/api/v1/stream", params={"kiosk_id": kiosk.kiosk_id}, headers=headers
     ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         event = None
@@ -290,5 +284,5 @@ def test_server_sent_events_resume_from_last_event_id(
                 if len(seqs) == 5:
                     break
     assert seqs == [3, 4, 5, 6, 7]
-    bad = httpx.get(url, headers={"Last-Event-ID": "abc"})
+    bad = client.get("/api/v1/stream", headers={"Last-Event-ID": "abc"})
     assert bad.status_code == 422

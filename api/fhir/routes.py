@@ -1,0 +1,460 @@
+"""HTTP routes of the FHIR R4 facade under ``/fhir``.
+
+Every response, errors included, is ``application/fhir+json``; errors are
+OperationOutcomes. Handlers read query parameters themselves, so FastAPI's 422
+never reaches a FHIR client, and :class:`FhirRoute` turns every exception into an
+OperationOutcome without internals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from api.auth import AuthError
+from api.deps import BridgeDep, get_bridge
+from api.fhir import mapping, search
+from api.fhir.queries import FhirQueries, Page, Row, cursor_key
+from api.fhir.search import SearchError
+from api.security import RateLimitError
+from bridge.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+FHIR_JSON = "application/fhir+json"
+_ACCEPTABLE = {"*/*", "application/*", "application/json", FHIR_JSON}
+_FORM = "application/x-www-form-urlencoded"
+_MAX_FORM_BYTES = 64 * 1024
+_RESOURCE_TYPES = ("Observation", "Device", "Patient")
+
+
+class FhirError(Exception):
+    """An error the client sees as an OperationOutcome with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class FhirResponse(Response):
+    """A FHIR JSON resource."""
+
+    media_type = FHIR_JSON
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def outcome_response(status: int, code: str, message: str) -> FhirResponse:
+    """Answer with an OperationOutcome."""
+    return FhirResponse(mapping.operation_outcome(code, message), status_code=status)
+
+
+_HTTP_ISSUE = {404: "not-found", 405: "not-supported", 406: "not-supported"}
+
+
+class FhirRoute(APIRoute):
+    """A route whose every failure becomes an OperationOutcome."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def fhir_handler(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except FhirError as exc:
+                return outcome_response(exc.status, exc.code, exc.message)
+            except SearchError as exc:
+                return outcome_response(400, "invalid", str(exc))
+            except StoreError:
+                log.warning("FHIR %s: database unavailable", request.url.path)
+                return outcome_response(503, "transient", "database unavailable")
+            except RequestValidationError:
+                return outcome_response(400, "invalid", "invalid request")
+            except HTTPException as exc:
+                code = _HTTP_ISSUE.get(exc.status_code, "processing")
+                return outcome_response(exc.status_code, code, "request failed")
+            except (AuthError, RateLimitError):
+                raise  # answered as OperationOutcome by the app's handlers (api.errors)
+            except Exception:
+                log.exception("FHIR %s failed", request.url.path)
+                return outcome_response(500, "exception", "internal server error")
+
+        return fhir_handler
+
+
+router = APIRouter(prefix="/fhir", tags=["fhir"], route_class=FhirRoute)
+
+
+# -- request helpers -----------------------------------------------------------
+
+
+def _negotiate(request: Request, params: Sequence[tuple[str, str]]) -> None:
+    """Refuse (406) what we cannot send: only FHIR JSON is produced."""
+    for name, value in params:
+        if name == "_format" and value not in search.JSON_FORMATS:
+            raise FhirError(406, "not-supported", "only JSON is supported")
+    accept = request.headers.get("accept")
+    if not accept:
+        return
+    for item in accept.split(","):
+        media, *options = (part.strip() for part in item.split(";"))
+        if "q=0" in options or "q=0.0" in options:
+            continue
+        if media.lower() in _ACCEPTABLE:
+            return
+    raise FhirError(406, "not-supported", f"cannot produce {accept[:80]}")
+
+
+def _lenient(request: Request) -> bool:
+    prefer = request.headers.get("prefer", "")
+    return any(p.strip() == "handling=lenient" for p in prefer.split(";"))
+
+
+def _checked(
+    request: Request, pairs: Sequence[tuple[str, str]], allowed: Sequence[str]
+) -> list[tuple[str, str]]:
+    _negotiate(request, pairs)
+    return search.check_names(pairs, allowed, lenient=_lenient(request))
+
+
+def _base(request: Request) -> str:
+    return f"{str(request.base_url).rstrip('/')}/fhir"
+
+
+def _link(request: Request, path: str, params: Sequence[tuple[str, str]]) -> str:
+    query = urlencode(params)
+    return f"{_base(request)}/{path}" + (f"?{query}" if query else "")
+
+
+def _next_link(
+    request: Request, path: str, params: Sequence[tuple[str, str]], cursor: str
+) -> str:
+    kept = [(n, v) for n, v in params if n != "_cursor"]
+    return _link(request, path, [*kept, ("_cursor", cursor)])
+
+
+def _queries(bridge: Any) -> FhirQueries:
+    return FhirQueries(bridge.store.engine)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# -- capability ----------------------------------------------------------------
+
+CAPABILITY_DATE = "2026-12-03"
+SOFTWARE_VERSION = "0.1.0"
+LASTN_DEFINITION = "http://hl7.org/fhir/OperationDefinition/Observation-lastn"
+_READ_SEARCH = [{"code": "read"}, {"code": "search-type"}]
+_RESULT_DOC = (
+    "Read-only. Result parameters: _count (1-200, default 50), _sort (date, -date; "
+    "default store order), _total (none, estimate, accurate), _format (json), "
+    "_cursor (opaque, from next links). Unknown parameters are refused with 400 "
+    "unless the request has 'Prefer: handling=lenient'. Search also by POST to "
+    "[type]/_search is supported for Observation only."
+)
+
+
+def _search_params(table: dict[str, tuple[str, str]]) -> list[mapping.JsonDict]:
+    return [
+        {"name": name, "definition": definition, "type": kind}
+        for name, (kind, definition) in table.items()
+    ]
+
+
+def capability_statement(base: str) -> mapping.JsonDict:
+    """Describe exactly the interactions and parameters this facade implements."""
+    profiles = [
+        mapping.VITALSIGNS_PROFILE,
+        *(mc.specific_profile for mc in mapping.METRIC_CODINGS.values()),
+    ]
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": CAPABILITY_DATE,
+        "publisher": "kiosk-vitals",
+        "kind": "instance",
+        "software": {"name": "kiosk-vitals FHIR facade", "version": SOFTWARE_VERSION},
+        "implementation": {
+            "description": "Camera vital signs from clinic kiosks (read-only)",
+            "url": base,
+        },
+        "fhirVersion": "4.0.1",
+        "format": [FHIR_JSON, "json"],
+        "rest": [
+            {
+                "mode": "server",
+                "documentation": _RESULT_DOC,
+                "resource": [
+                    {
+                        "type": "Observation",
+                        "supportedProfile": [p for p in profiles if p],
+                        "interaction": _READ_SEARCH,
+                        "searchInclude": list(search.OBSERVATION_INCLUDES),
+                        "searchParam": _search_params(search.OBSERVATION_PARAMS),
+                        "operation": [
+                            {"name": "lastn", "definition": LASTN_DEFINITION}
+                        ],
+                    },
+                    {
+                        "type": "Device",
+                        "interaction": _READ_SEARCH,
+                        "searchParam": _search_params(search.DEVICE_PARAMS),
+                    },
+                    {
+                        "type": "Patient",
+                        "interaction": _READ_SEARCH,
+                        "searchParam": _search_params(search.PATIENT_PARAMS),
+                    },
+                ],
+            }
+        ],
+    }
+
+
+@router.get("/metadata")
+def metadata(request: Request) -> Response:
+    """Return the CapabilityStatement of exactly what this facade implements."""
+    pairs = _checked(request, request.query_params.multi_items(), ("_format",))
+    del pairs
+    return FhirResponse(capability_statement(_base(request)))
+
+
+# -- Observation ---------------------------------------------------------------
+
+
+_OBSERVATION_ALLOWED = (*search.OBSERVATION_PARAMS, *search.OBSERVATION_RESULT_PARAMS)
+
+
+def _observation_bundle(
+    request: Request, bridge: Any, pairs: list[tuple[str, str]]
+) -> Response:
+    parsed = search.parse_observation_search(pairs)
+    queries = _queries(bridge)
+    page: Page = queries.search_observations(parsed)
+
+    base = _base(request)
+    entries = [
+        mapping.entry(
+            f"{base}/Observation/{row.reading.id}",
+            mapping.observation(row.reading, row.patient_ref),
+            "match",
+        )
+        for row in page.rows
+    ]
+    entries.extend(_included(base, queries, page.rows, parsed))
+    links = [("self", _link(request, "Observation", pairs))]
+    if page.more:
+        token = search.encode_cursor(
+            parsed.sort, cursor_key(page.rows[-1], parsed.sort)
+        )
+        links.append(("next", _next_link(request, "Observation", pairs, token)))
+    return FhirResponse(
+        mapping.bundle(entries=entries, links=links, total=page.total, timestamp=_now())
+    )
+
+
+def _included(
+    base: str, queries: FhirQueries, rows: list[Row], parsed: search.ObservationSearch
+) -> list[mapping.JsonDict]:
+    out: list[mapping.JsonDict] = []
+    if parsed.include_device and rows:
+        kiosk_ids = {row.reading.kiosk_id for row in rows}
+        for k in queries.kiosks([kiosk_ids]):
+            resource = mapping.device(k.kiosk_id, k.agent_version, k.last_seen_at)
+            out.append(
+                mapping.entry(f"{base}/Device/{resource['id']}", resource, "include")
+            )
+    if parsed.include_patient:
+        refs = sorted({row.patient_ref for row in rows if row.patient_ref is not None})
+        for ref in refs:
+            resource = mapping.patient(ref)
+            out.append(
+                mapping.entry(f"{base}/Patient/{resource['id']}", resource, "include")
+            )
+    return out
+
+
+@router.get("/Observation")
+def search_observations(request: Request, bridge: BridgeDep) -> Response:
+    """Search Observations (readings); see the CapabilityStatement for parameters."""
+    pairs = _checked(request, request.query_params.multi_items(), _OBSERVATION_ALLOWED)
+    return _observation_bundle(request, bridge, pairs)
+
+
+@router.post("/Observation/_search")
+async def search_observations_post(request: Request) -> Response:
+    """Search Observations with the parameters in a form body (FHIR POST search)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip()
+    if content_type != _FORM:
+        raise FhirError(415, "not-supported", f"search body must be {_FORM}")
+    body = await request.body()
+    if len(body) > _MAX_FORM_BYTES:
+        raise FhirError(413, "too-costly", "search body too large")
+    try:
+        form = parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError as exc:
+        raise FhirError(400, "invalid", "search body is not UTF-8") from exc
+    raw = [*request.query_params.multi_items(), *form]
+    pairs = _checked(request, raw, _OBSERVATION_ALLOWED)
+    bridge = get_bridge(request)
+    return await run_in_threadpool(_observation_bundle, request, bridge, pairs)
+
+
+@router.get("/Observation/$lastn")
+def lastn(request: Request, bridge: BridgeDep) -> Response:
+    """Return the latest ``max`` Observations per code per patient (or device)."""
+    allowed = (*search.LASTN_PARAMS, "_format")
+    pairs = _checked(request, request.query_params.multi_items(), allowed)
+    parsed, max_n = search.parse_lastn([(n, v) for n, v in pairs if n != "_format"])
+    rows, truncated = _queries(bridge).lastn(parsed, max_n)
+
+    base = _base(request)
+    entries = [
+        mapping.entry(
+            f"{base}/Observation/{row.reading.id}",
+            mapping.observation(row.reading, row.patient_ref),
+            "match",
+        )
+        for row in rows
+    ]
+    if truncated:
+        warning = mapping.operation_outcome(
+            "too-costly",
+            "result truncated; narrow the search with patient or code",
+            severity="warning",
+        )
+        entries.append({"resource": warning, "search": {"mode": "outcome"}})
+    links = [("self", _link(request, "Observation/$lastn", pairs))]
+    total = None if truncated else len(rows)
+    return FhirResponse(
+        mapping.bundle(entries=entries, links=links, total=total, timestamp=_now())
+    )
+
+
+@router.get("/Observation/{resource_id}")
+def read_observation(resource_id: str, request: Request, bridge: BridgeDep) -> Response:
+    """Read one Observation by id."""
+    _checked(request, request.query_params.multi_items(), ("_format",))
+    row = None
+    if resource_id.isdigit() and len(resource_id) <= 18:
+        row = _queries(bridge).read_observation(int(resource_id))
+    if row is None:
+        raise FhirError(404, "not-found", f"Observation/{resource_id} not found")
+    return FhirResponse(mapping.observation(row.reading, row.patient_ref))
+
+
+# -- Device and Patient --------------------------------------------------------
+
+
+_IDENTIFIER_ALLOWED = ("identifier", *search.RESULT_PARAMS)
+
+
+@router.get("/Device")
+def search_devices(request: Request, bridge: BridgeDep) -> Response:
+    """Search Devices (one per kiosk) by identifier."""
+    pairs = _checked(request, request.query_params.multi_items(), _IDENTIFIER_ALLOWED)
+    sets, count, after = search.parse_identifier_search(pairs, mapping.KIOSK_SYSTEM)
+    rows = _queries(bridge).kiosks(sets, after, count + 1)
+    more = len(rows) > count
+    rows = rows[:count]
+
+    base = _base(request)
+    entries = []
+    for k in rows:
+        resource = mapping.device(k.kiosk_id, k.agent_version, k.last_seen_at)
+        entries.append(
+            mapping.entry(f"{base}/Device/{resource['id']}", resource, "match")
+        )
+    links = [("self", _link(request, "Device", pairs))]
+    if more:
+        token = search.encode_key_cursor(rows[-1].kiosk_id)
+        links.append(("next", _next_link(request, "Device", pairs, token)))
+    total = len(rows) if after is None and not more else None
+    return FhirResponse(
+        mapping.bundle(entries=entries, links=links, total=total, timestamp=_now())
+    )
+
+
+@router.get("/Device/{resource_id}")
+def read_device(resource_id: str, request: Request, bridge: BridgeDep) -> Response:
+    """Read the Device of one kiosk."""
+    _checked(request, request.query_params.multi_items(), ("_format",))
+    kiosk = _queries(bridge).kiosk_for_id(resource_id)
+    if kiosk is None:
+        raise FhirError(404, "not-found", f"Device/{resource_id} not found")
+    return FhirResponse(
+        mapping.device(kiosk.kiosk_id, kiosk.agent_version, kiosk.last_seen_at)
+    )
+
+
+@router.get("/Patient")
+def search_patients(request: Request, bridge: BridgeDep) -> Response:
+    """Search Patients (the patient_refs scans carry) by identifier."""
+    pairs = _checked(request, request.query_params.multi_items(), _IDENTIFIER_ALLOWED)
+    sets, count, after = search.parse_identifier_search(pairs, mapping.PATIENT_SYSTEM)
+    refs = _queries(bridge).patients(sets, after, count + 1)
+    more = len(refs) > count
+    refs = refs[:count]
+
+    base = _base(request)
+    entries = []
+    for ref in refs:
+        resource = mapping.patient(ref)
+        entries.append(
+            mapping.entry(f"{base}/Patient/{resource['id']}", resource, "match")
+        )
+    links = [("self", _link(request, "Patient", pairs))]
+    if more:
+        token = search.encode_key_cursor(refs[-1])
+        links.append(("next", _next_link(request, "Patient", pairs, token)))
+    total = len(refs) if after is None and not more else None
+    return FhirResponse(
+        mapping.bundle(entries=entries, links=links, total=total, timestamp=_now())
+    )
+
+
+@router.get("/Patient/{resource_id}")
+def read_patient(resource_id: str, request: Request, bridge: BridgeDep) -> Response:
+    """Read one Patient: only its identifier is known."""
+    _checked(request, request.query_params.multi_items(), ("_format",))
+    ref = _queries(bridge).patient_for_id(resource_id)
+    if ref is None:
+        raise FhirError(404, "not-found", f"Patient/{resource_id} not found")
+    return FhirResponse(mapping.patient(ref))
+
+
+# -- everything else -----------------------------------------------------------
+
+_KNOWN_PATHS = ("metadata", "Observation/_search", "Observation/$lastn")
+
+
+@router.api_route(
+    "/{path:path}",
+    methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+    include_in_schema=False,
+)
+def not_implemented(path: str, request: Request) -> Response:
+    """Answer 405 for another method on a known resource type, else 404."""
+    first = path.split("/", 1)[0]
+    known = path in _KNOWN_PATHS or first in _RESOURCE_TYPES
+    if known and request.method != "GET":
+        return outcome_response(
+            405, "not-supported", f"{request.method} is not supported here"
+        )
+    return outcome_response(404, "not-found", "unknown resource type or operation")

@@ -1,0 +1,41 @@
+"""Authorisation for the FHIR facade: SMART-style ``system/<Type>.read`` scopes.
+
+``/fhir/metadata`` stays open, as FHIR clients need it to discover how to sign in.
+Every read of a resource is written to the audit log.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials
+
+from api.auth import AuthError, Principal
+from api.security import RateLimitError, auditor, bearer, tokens
+
+OPEN_PATHS = frozenset({"/fhir/metadata"})
+
+
+async def fhir_guard(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal | None:
+    """Admit a caller holding ``system/<Type>.read`` for the requested type."""
+    path = request.url.path.rstrip("/")
+    if path in OPEN_PATHS:
+        return None
+    if credentials is None:
+        raise AuthError(401, "invalid_token", "bearer token required")
+    principal = tokens(request).verify(credentials.credentials)
+    resource_type = path.removeprefix("/fhir/").split("/", 1)[0] or "*"
+    scope = f"system/{resource_type}.read"
+    if not principal.allows(scope):
+        raise AuthError(403, "insufficient_scope", f"requires scope {scope}")
+    wait = request.app.state.limiter.allow(principal.subject)
+    if wait:
+        raise RateLimitError(wait)
+    await auditor(request).arecord(
+        principal.subject, "fhir.read", str(request.url.path)
+    )
+    return principal
