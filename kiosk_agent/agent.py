@@ -8,13 +8,17 @@ import time
 
 import psutil
 
-from vitals_contract import systemd
 from kiosk_agent.config import AgentSettings
 from kiosk_agent.errors import CameraError
 from kiosk_agent.link import MqttLink
 from kiosk_agent.outbox import Outbox
 from kiosk_agent.scan import ScanController, ScanTiming
-from kiosk_agent.sources import FrameSource, open_source
+from kiosk_agent.sources import (
+    FrameSource,
+    SourceError,
+    SyntheticFaceSource,
+    VideoSource,
+)
 from kiosk_agent.vitals import VitalsEngine
 from vitals_contract import (
     CameraState,
@@ -22,6 +26,7 @@ from vitals_contract import (
     CommandAction,
     Heartbeat,
     Leaf,
+    systemd,
     utc_now,
 )
 
@@ -29,6 +34,21 @@ log = logging.getLogger(__name__)
 
 FRAME_TIMEOUT_SECONDS = 1.0
 CAMERA_RETRY_MIN_SECONDS = 1.0
+CAMERA_STALL_SECONDS = 5.0  # no frame this long: treat the camera as failed
+
+
+def open_source(spec: str) -> FrameSource:
+    """Open the configured camera; raise :class:`CameraError` when it cannot be."""
+    source: FrameSource
+    if spec == "synthetic":
+        source = SyntheticFaceSource(realtime=True, loop=True)
+    else:
+        source = VideoSource(spec, realtime_file=True)
+    try:
+        source.start()
+    except SourceError as exc:
+        raise CameraError(str(exc)) from exc
+    return source
 
 
 class Agent:
@@ -70,7 +90,7 @@ class Agent:
                 try:
                     self._capture(source, stop)
                 finally:
-                    source.close()
+                    source.stop()
         finally:
             systemd.notify("STOPPING=1")
             self.link.stop()
@@ -93,16 +113,18 @@ class Agent:
             )
         self._camera_state = CameraState.OK
         frames = 0
-        window_start = last_beat = time.monotonic()
+        window_start = last_beat = last_frame = time.monotonic()
         while not stop.is_set():
             frame = source.read(FRAME_TIMEOUT_SECONDS)
             now = time.monotonic()
             if frame is None:
-                if source.failed:
+                if now - last_frame > CAMERA_STALL_SECONDS:
                     self._camera_state = CameraState.ERROR
-                    log.warning("camera stopped delivering frames; reopening")
+                    log.warning("camera delivered no frame for %.0f s; reopening",
+                                now - last_frame)  # fmt: skip
                     return
             else:
+                last_frame = now
                 engine.push(frame.image, frame.timestamp_s)
                 frames += 1
                 with self._lock:

@@ -21,6 +21,7 @@ from websockets.typing import Subprotocol
 from bridge.broker import DEFAULT_CONFIG, free_port, load_config
 from bridge.config import BridgeSettings
 
+MOSQUITTO_ADDRESS = ("127.0.0.1", 1883)
 TEST_JWT_SECRET = "test-secret-" + uuid.uuid4().hex + uuid.uuid4().hex
 ALL_TEST_SCOPES = ("vitals.read", "vitals.alerts.ack", "vitals.metrics", "vitals.admin")
 
