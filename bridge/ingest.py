@@ -51,7 +51,12 @@ from vitals_contract import (
     split_readings,
     utc_now,
 )
-from vitals_contract.mqtt import build_client, choose_protocol, connect_kwargs
+from vitals_contract.mqtt import (
+    JitteredBackoff,
+    build_client,
+    choose_protocol,
+    connect_kwargs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +131,7 @@ class Ingest:
         # A message id is only meaningful on the connection that delivered it; a
         # PUBACK for a stale id would acknowledge some other, uncommitted message.
         self._generation = 0
+        self._backoff = JitteredBackoff(RECONNECT_MIN_SECONDS, RECONNECT_MAX_SECONDS)
         self._generation_lock = threading.Lock()
 
     async def start(self) -> None:
@@ -139,7 +145,8 @@ class Ingest:
             protocol=protocol,
             manual_ack=True,
         )
-        client.reconnect_delay_set(RECONNECT_MIN_SECONDS, RECONNECT_MAX_SECONDS)
+        self._backoff.arm(client)
+        client.on_connect_fail = self._on_connect_fail
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -189,6 +196,8 @@ class Ingest:
             return
         with self._generation_lock:
             self._generation += 1
+        self._backoff.reset()
+        self._backoff.arm(client)
         root = self._settings.mqtt.root_topic
         client.subscribe([(kiosk_filter(leaf, root), 1) for leaf in SUBSCRIBED_LEAVES])
         log.info(
@@ -201,15 +210,20 @@ class Ingest:
 
     def _on_disconnect(
         self,
-        _client: mqtt.Client,
+        client: mqtt.Client,
         _userdata: object,
         _flags: object,
         reason: ReasonCode,
         _props: object,
     ) -> None:
-        log.warning("disconnected from broker: %s; reconnecting", reason)
+        delay = self._backoff.arm(client)
+        log.warning("disconnected from broker: %s; retrying in %.1f s", reason, delay)
         self._metrics.mqtt_connected.set(0)
         self._call_soon(self.connected.clear)
+
+    def _on_connect_fail(self, client: mqtt.Client, _userdata: object) -> None:
+        delay = self._backoff.arm(client)
+        log.warning("broker unreachable; retrying in %.1f s", delay)
 
     def _on_message(
         self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage

@@ -180,5 +180,41 @@ class Agent:
                 return controller.request_scan(command.patient_ref)
             if command.action is CommandAction.CANCEL_SCAN:
                 return controller.cancel(time.monotonic())
-        # TODO: accept `set` for a whitelist of runtime settings (issue 4).
-        return f"action {command.action.value} is not supported yet"
+            if command.action is CommandAction.SET:
+                return _apply_settings(controller, command.args)
+        return f"unknown action {command.action.value}"
+
+
+# Settings a `set` command may change at run time, with their types and bounds.
+RUNTIME_SETTINGS: dict[str, tuple[type, float, float]] = {
+    "scan_seconds": (float, 5, 600),
+    "reading_interval_seconds": (float, 0.2, 60),
+    "face_lost_abort_seconds": (float, 0.5, 60),
+    "auto_scan_cooldown_seconds": (float, 0, 3600),
+    "auto_scan": (bool, 0, 1),
+}
+
+
+def _apply_settings(controller: ScanController, args: dict[str, object]) -> str | None:
+    """Validate every requested change first, then apply them all; or none."""
+    if not args:
+        return "set needs at least one setting"
+    changes: dict[str, float | bool] = {}
+    for name, value in args.items():
+        spec = RUNTIME_SETTINGS.get(name)
+        if spec is None:
+            return f"setting {name!r} cannot be changed at run time"
+        kind, low, high = spec
+        if kind is bool:
+            if not isinstance(value, bool):
+                return f"{name} must be true or false"
+            changes[name] = value
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            return f"{name} must be a number"
+        elif not low <= value <= high:
+            return f"{name} must be within [{low:g}, {high:g}]"
+        else:
+            changes[name] = float(value)
+    controller.update_timing(**changes)
+    log.info("runtime settings changed: %s", ", ".join(sorted(changes)))
+    return None

@@ -33,7 +33,12 @@ from vitals_contract import (
     utc_now,
 )
 from vitals_contract.messages import Message
-from vitals_contract.mqtt import build_client, choose_protocol, connect_kwargs
+from vitals_contract.mqtt import (
+    JitteredBackoff,
+    build_client,
+    choose_protocol,
+    connect_kwargs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +68,7 @@ class MqttLink:
         self._client: mqtt.Client | None = None
         self._publisher: threading.Thread | None = None
         self.confirmed_through = -1
+        self._backoff = JitteredBackoff(RECONNECT_MIN_SECONDS, RECONNECT_MAX_SECONDS)
 
     @property
     def connected(self) -> bool:
@@ -73,7 +79,8 @@ class MqttLink:
         """Connect in the background and start publishing."""
         protocol = choose_protocol(self._settings.mqtt)
         client = build_client(self._settings.mqtt, self._kiosk, protocol=protocol)
-        client.reconnect_delay_set(RECONNECT_MIN_SECONDS, RECONNECT_MAX_SECONDS)
+        self._backoff.arm(client)
+        client.on_connect_fail = self._on_connect_fail
         offline = KioskStatus(
             kiosk_id=self._kiosk, state=KioskState.OFFLINE, at=utc_now()
         )
@@ -145,6 +152,8 @@ class MqttLink:
             agent_version=__version__,
             capabilities=CAPABILITIES,
         )
+        self._backoff.reset()
+        self._backoff.arm(client)
         client.publish(self._topic(Leaf.STATUS), online.to_bytes(), qos=1, retain=True)
         client.subscribe(
             [(self._topic(Leaf.CONFIRM), 1), (self._topic(Leaf.COMMAND), 1)]
@@ -157,7 +166,7 @@ class MqttLink:
 
     def _on_disconnect(
         self,
-        _client: mqtt.Client,
+        client: mqtt.Client,
         _userdata: object,
         _flags: object,
         reason: ReasonCode,
@@ -165,7 +174,14 @@ class MqttLink:
     ) -> None:
         self._connected.clear()
         if not self._stop.is_set():
-            log.warning("lost broker connection (%s); reconnecting", reason)
+            delay = self._backoff.arm(client)
+            log.warning(
+                "lost broker connection (%s); retrying in %.1f s", reason, delay
+            )
+
+    def _on_connect_fail(self, client: mqtt.Client, _userdata: object) -> None:
+        delay = self._backoff.arm(client)
+        log.warning("broker unreachable; retrying in %.1f s", delay)
 
     def _on_confirm(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         try:

@@ -7,6 +7,7 @@ it holds no I/O of its own and can be tested with a fake clock.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import Callable, Mapping
@@ -94,6 +95,10 @@ class ScanController:
         self._idle_since = -1e9
 
     # -- commands -----------------------------------------------------------------
+
+    def update_timing(self, **changes: float | bool) -> None:
+        """Change scan timings at run time (unknown names raise TypeError)."""
+        self._timing = dataclasses.replace(self._timing, **changes)  # type: ignore[arg-type]
 
     def request_scan(self, patient_ref: str | None) -> str | None:
         """Arm a scan for the next face, bound to ``patient_ref``; return an error."""

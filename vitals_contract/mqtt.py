@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import ssl
 import threading
 
@@ -95,3 +96,34 @@ def connect_kwargs(protocol: MQTTProtocolVersion) -> dict[str, object]:
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
     return {"clean_start": False, "properties": props}
+
+
+class JitteredBackoff:
+    """Bounded exponential back-off with full jitter for paho's reconnect loop.
+
+    paho waits between reconnect attempts without jitter, so a clinic's kiosks that
+    lose the broker together would all come back together. Before each wait we set
+    paho's delay to a random value in ``[min, min(max, min * 2**n)]`` (the "full
+    jitter" scheme); a successful connect starts the sequence over.
+    """
+
+    def __init__(self, min_seconds: float, max_seconds: float) -> None:
+        self.min_seconds = min_seconds
+        self.max_seconds = max_seconds
+        self._attempt = 0
+
+    def reset(self) -> None:
+        """Start over after a successful connection."""
+        self._attempt = 0
+
+    def next_delay(self) -> float:
+        """Return the next delay in seconds and advance."""
+        ceiling = min(self.max_seconds, self.min_seconds * 2**self._attempt)
+        self._attempt = min(self._attempt + 1, 32)
+        return random.uniform(self.min_seconds, ceiling)
+
+    def arm(self, client: mqtt.Client) -> float:
+        """Make paho's next reconnect wait a fresh jittered delay; return it."""
+        delay = self.next_delay()
+        client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
+        return delay

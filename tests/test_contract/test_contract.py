@@ -208,3 +208,16 @@ def test_exported_schema_in_docs_is_current() -> None:
             f"run: python -m vitals_contract.schema docs/schema ({stem})"
         )
         assert path.read_text() == render(schema), f"{path.name} is stale; re-export it"
+
+
+@given(st.floats(0.1, 5), st.floats(5, 120), st.integers(0, 40))
+def test_backoff_stays_within_bounds_and_grows(low: float, high: float, n: int) -> None:
+    from vitals_contract.mqtt import JitteredBackoff
+
+    backoff = JitteredBackoff(low, high)
+    delays = [backoff.next_delay() for _ in range(n + 1)]
+    assert all(low <= d <= high for d in delays)
+    ceiling = min(high, low * 2**n)
+    assert delays[-1] <= ceiling
+    backoff.reset()
+    assert backoff.next_delay() <= low + 1e-9
