@@ -46,6 +46,8 @@ def run(config: ConfigOption = None, log_level: LogLevel = "info") -> None:
             port=settings.http.port,
             log_level=log_level.lower(),
             ws_max_size=64 * 1024,
+            ssl_certfile=settings.http.tls_cert_file,
+            ssl_keyfile=settings.http.tls_key_file,
         )
     )
     server.run()
@@ -85,6 +87,86 @@ def hash_secret_command(
     from api.auth import hash_secret
 
     typer.echo(hash_secret(secret))
+
+
+kiosk_app = typer.Typer(no_args_is_help=True, help="Provision or revoke kiosks.")
+app.add_typer(kiosk_app, name="kiosk")
+PathOption = Annotated[Path | None, typer.Option()]
+
+
+@kiosk_app.command("add")
+def kiosk_add(
+    kiosk_id: Annotated[str, typer.Argument(help="The new kiosk's id.")],
+    broker_host: Annotated[str, typer.Option(help="Broker address kiosks use.")],
+    broker_port: Annotated[
+        int, typer.Option(help="Broker port (8883 with TLS).")
+    ] = 8883,
+    out_dir: Annotated[
+        Path, typer.Option(help="Where to write agent config/certs.")
+    ] = Path("kiosks"),
+    mosquitto_passwd: PathOption = None,
+    amqtt_passwd: PathOption = None,
+    amqtt_config: PathOption = None,
+    ca_cert: PathOption = None,
+    ca_key: Annotated[
+        Path | None, typer.Option(help="With --ca-cert: also issue a client cert.")
+    ] = None,
+) -> None:
+    """Create a kiosk's broker credentials, ACL entries and agent config."""
+    from bridge.provision import ProvisionError, add_kiosk
+
+    try:
+        done = add_kiosk(
+            kiosk_id,
+            broker_host=broker_host,
+            broker_port=broker_port,
+            out_dir=out_dir,
+            mosquitto_passwd=mosquitto_passwd,
+            amqtt_passwd=amqtt_passwd,
+            amqtt_config=amqtt_config,
+            ca_cert=ca_cert,
+            ca_key=ca_key,
+        )
+    except ProvisionError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(f"agent config: {done.agent_config} (holds the password; mode 0600)")
+    if done.client_cert is not None:
+        typer.echo(f"client certificate: {done.client_cert}")
+    typer.echo("Reload the broker so it reads the new credentials.")
+
+
+@kiosk_app.command("revoke")
+def kiosk_revoke(
+    kiosk_id: Annotated[str, typer.Argument(help="The kiosk to shut out.")],
+    mosquitto_passwd: PathOption = None,
+    amqtt_passwd: PathOption = None,
+    amqtt_config: PathOption = None,
+) -> None:
+    """Remove a kiosk's broker credentials and ACL entries."""
+    from bridge.provision import revoke_kiosk
+
+    known = revoke_kiosk(
+        kiosk_id,
+        mosquitto_passwd=mosquitto_passwd,
+        amqtt_passwd=amqtt_passwd,
+        amqtt_config=amqtt_config,
+    )
+    typer.echo(f"{kiosk_id}: {'revoked' if known else 'not found'}; reload the broker.")
+
+
+@app.command("dev-certs")
+def dev_certs(
+    directory: Annotated[Path, typer.Argument(help="Output directory.")],
+    host: Annotated[
+        list[str], typer.Option(help="Server name or IP; repeat for several.")
+    ] = ["localhost", "127.0.0.1"],  # noqa: B006 (typer reads the default)
+) -> None:
+    """Create a development CA and a server certificate (not for production)."""
+    from bridge.devcerts import issue_server_cert, make_ca
+
+    ca_cert, ca_key = make_ca(directory)
+    cert, key = issue_server_cert(host, ca_cert, ca_key, directory)
+    typer.echo(f"CA: {ca_cert} (key {ca_key})\nserver: {cert} (key {key})")
 
 
 @app.command()

@@ -37,6 +37,13 @@ class HttpSettings(BaseModel):
 
     host: str = Field(default="127.0.0.1", description="Address the API binds.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port the API binds.")
+    tls_cert_file: Path | None = Field(
+        default=None,
+        description="Certificate (PEM) for HTTPS and WSS; unset: plain HTTP.",
+    )
+    tls_key_file: Path | None = Field(
+        default=None, description="Key of that certificate."
+    )
 
 
 class HubSettings(BaseModel):

@@ -87,7 +87,12 @@ class EmbeddedBroker:
 class ServerThread:
     """uvicorn serving the API in a background thread on a free port."""
 
-    def __init__(self, settings: BridgeSettings, port: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: BridgeSettings,
+        port: int | None = None,
+        ssl: tuple[Path, Path] | None = None,
+    ) -> None:
         import uvicorn
 
         from api.app import create_app
@@ -100,6 +105,8 @@ class ServerThread:
             port=self.port,
             log_level="warning",
             lifespan="on",
+            ssl_certfile=ssl[0] if ssl else None,
+            ssl_keyfile=ssl[1] if ssl else None,
         )
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(

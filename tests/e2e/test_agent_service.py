@@ -161,7 +161,8 @@ def test_commands_are_acknowledged_and_bad_ones_never_crash(
     assert wait_for(lambda: operator.result(last) is not None, 10), (
         "agent stopped answering"
     )
-    assert agent.popen is not None and agent.popen.poll() is None
+    assert agent.popen is not None
+    assert agent.popen.poll() is None
 
 
 def test_last_will_marks_a_killed_kiosk_offline(
@@ -191,6 +192,7 @@ def test_missing_camera_is_reported_and_retried(
             lambda: any(h["camera"] == "missing" for h in operator.of("heartbeat")), 20
         ), proc.log_tail()
         assert wait_for(lambda: "retrying in" in proc.log_tail(), 10)
-        assert proc.popen is not None and proc.popen.poll() is None
+        assert proc.popen is not None
+        assert proc.popen.poll() is None
     finally:
         proc.stop()

@@ -7,6 +7,7 @@ import json
 import sqlite3
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +43,23 @@ def outbox_state(path: Path) -> tuple[int, int]:
 
 
 @pytest.fixture(params=["amqtt+sqlite", "mosquitto+postgres"])
-def services(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
-    if request.param == "amqtt+sqlite":
-        port = free_port()
-        broker = Proc(
-            "broker", ["api.cli", "broker", "--port", str(port)], {}, tmp_path
-        )
-        broker.start()
-        request.addfinalizer(broker.stop)
+def services(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[dict[str, Any]]:
+    if request.param == "mosquitto+postgres":
+        if not tcp_reachable(*MOSQUITTO_ADDRESS):
+            pytest.skip("Mosquitto not reachable on 127.0.0.1:1883")
+        url: str = request.getfixturevalue("postgres_url")
+        yield {"mqtt_port": MOSQUITTO_ADDRESS[1], "db": url}
+        return
+    port = free_port()
+    broker = Proc("broker", ["api.cli", "broker", "--port", str(port)], {}, tmp_path)
+    broker.start()
+    try:
         assert wait_for(lambda: tcp_reachable("127.0.0.1", port, 0.2), 15)
-        return {"mqtt_port": port, "db": f"sqlite:///{tmp_path / 'vitals.db'}"}
-    if not tcp_reachable(*MOSQUITTO_ADDRESS):
-        pytest.skip("Mosquitto not reachable on 127.0.0.1:1883")
-    url: str = request.getfixturevalue("postgres_url")
-    return {"mqtt_port": MOSQUITTO_ADDRESS[1], "db": url}
+        yield {"mqtt_port": port, "db": f"sqlite:///{tmp_path / 'vitals.db'}"}
+    finally:
+        broker.stop()
 
 
 def test_camera_kiosk_to_sql_rest_and_websocket(
@@ -157,7 +161,8 @@ def test_camera_kiosk_to_sql_rest_and_websocket(
         assert {m for _, m in stored} >= {"heart_rate", "spo2"}
 
         live = [r["seq"] for r in received]
-        assert live == sorted(live) and len(live) == len(set(live))
+        assert live == sorted(live)
+        assert len(live) == len(set(live))
         assert set(live) <= {s for s, _ in stored}
         page = httpx.get(
             f"{base}/api/v1/readings",
