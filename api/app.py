@@ -15,8 +15,9 @@ from api import errors, live, oauth, rest, stream
 from api.auth import TokenService
 from api.fhir import router as fhir_router
 from api.fhir_guard import fhir_guard
-from api.security import Auditor, RateLimiter
+from api.security import Auditor
 from bridge.config import BridgeSettings
+from bridge.ratelimit import RateLimiter
 from bridge.service import BridgeService
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"

@@ -32,7 +32,7 @@ async def fhir_guard(
     scope = f"system/{resource_type}.read"
     if not principal.allows(scope):
         raise AuthError(403, "insufficient_scope", f"requires scope {scope}")
-    wait = request.app.state.limiter.allow(principal.subject)
+    wait = request.app.state.limiter.delay(principal.subject)
     if wait:
         raise RateLimitError(wait)
     await auditor(request).arecord(

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated
@@ -22,28 +20,6 @@ from bridge.store.models import AuditEvent
 log = logging.getLogger(__name__)
 
 bearer = HTTPBearer(auto_error=False, description="OAuth2 access token (JWT)")
-
-
-class RateLimiter:
-    """A token bucket per client: ``rate`` requests per second, ``burst`` at once."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self._rate = rate
-        self._burst = burst
-        self._buckets: dict[str, tuple[float, float]] = {}
-        self._lock = threading.Lock()
-
-    def allow(self, key: str) -> float:
-        """Take one token for ``key``; return 0, or the seconds to wait when empty."""
-        now = time.monotonic()
-        with self._lock:
-            tokens, last = self._buckets.get(key, (float(self._burst), now))
-            tokens = min(self._burst, tokens + (now - last) * self._rate)
-            if tokens < 1:
-                self._buckets[key] = (tokens, now)
-                return (1 - tokens) / self._rate
-            self._buckets[key] = (tokens - 1, now)
-            return 0.0
 
 
 class RateLimitError(Exception):
@@ -116,7 +92,7 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
         principal = tokens(conn).verify(credentials.credentials)
         if not principal.allows(scope):
             raise AuthError(403, "insufficient_scope", f"requires scope {scope}")
-        wait = conn.app.state.limiter.allow(principal.subject)
+        wait = conn.app.state.limiter.delay(principal.subject)
         if wait:
             raise RateLimitError(wait)
         return principal

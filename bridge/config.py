@@ -27,6 +27,13 @@ class IngestSettings(BaseModel):
         le=5_000,
         description="Longest a message waits for its batch to fill before commit.",
     )
+    kiosk_messages_per_second: float = Field(
+        default=200.0,
+        gt=0,
+        description="Per-kiosk ingest rate; excess messages are acknowledged but not "
+        "stored, so the kiosk resends them after its confirmation timeout.",
+    )
+    kiosk_burst: int = Field(default=2_000, ge=1, description="Per-kiosk burst.")
     retry_max_seconds: float = Field(
         default=10.0, ge=0.1, description="Longest back-off between failed commits."
     )

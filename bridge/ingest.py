@@ -30,6 +30,7 @@ from bridge.config import BridgeSettings
 from bridge.errors import StoreError
 from bridge.hub import Hub
 from bridge.metrics import BridgeMetrics
+from bridge.ratelimit import RateLimiter
 from bridge.store import Batch, BatchResult, DeadLetterIn, Store
 from bridge.store.alert_store import AlertRecord, AlertStore
 from vitals_contract import (
@@ -132,6 +133,9 @@ class Ingest:
         # PUBACK for a stale id would acknowledge some other, uncommitted message.
         self._generation = 0
         self._backoff = JitteredBackoff(RECONNECT_MIN_SECONDS, RECONNECT_MAX_SECONDS)
+        self._kiosk_limiter = RateLimiter(
+            settings.ingest.kiosk_messages_per_second, settings.ingest.kiosk_burst
+        )
         self._generation_lock = threading.Lock()
 
     async def start(self) -> None:
@@ -254,6 +258,8 @@ class Ingest:
             for d in deliveries:
                 leaf = d.topic.rsplit("/", 1)[-1]
                 self._metrics.messages.labels(leaf).inc()
+                if self._over_rate(d.topic):
+                    continue
                 add_to_batch(batch, d.topic, d.payload, root)
             result = await self._commit(batch)
             self._acknowledge(deliveries)
@@ -263,6 +269,19 @@ class Ingest:
                 await self._evaluate_alerts(result)
             except Exception:  # a rule bug must not stop ingest
                 log.exception("alert evaluation failed; readings are stored")
+
+    def _over_rate(self, topic: str) -> bool:
+        """Tell whether the kiosk behind ``topic`` is over its message rate.
+
+        Such a message is acknowledged but neither stored nor confirmed, so the
+        kiosk's outbox sends it again later: a flood is slowed down, nothing is lost.
+        """
+        parsed = parse_kiosk_topic(topic, self._settings.mqtt.root_topic)
+        if parsed is None or self._kiosk_limiter.delay(parsed.kiosk_id) == 0.0:
+            return False
+        self._metrics.rate_limited.inc()
+        log.debug("kiosk %s over its ingest rate; message deferred", parsed.kiosk_id)
+        return True
 
     async def _collect(self) -> list[Delivery]:
         """Wait for one message, then take more until the size or time bound."""

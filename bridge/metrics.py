@@ -25,6 +25,11 @@ class BridgeMetrics:
         self.dead_letters = Counter(
             "vitals_ingest_dead_letters", "Items rejected by validation", registry=r
         )
+        self.rate_limited = Counter(
+            "vitals_ingest_rate_limited",
+            "Messages deferred because their kiosk exceeded its rate",
+            registry=r,
+        )
         self.commit_failures = Counter(
             "vitals_ingest_commit_failures", "Failed batch commits", registry=r
         )

@@ -162,11 +162,12 @@ def bridge_settings(
     broker: BrokerEndpoint, database_url: str, **extra: Any
 ) -> BridgeSettings:
     """Settings for a bridge on ``broker`` and ``database_url`` with a private root."""
+    ingest = {"client_id": f"bridge-{uuid.uuid4().hex[:8]}", **extra.pop("ingest", {})}
     return BridgeSettings(
         database_url=database_url,
         auth={"jwt_secret": TEST_JWT_SECRET},
         mqtt={"host": broker.host, "port": broker.port, "root_topic": broker.root},
-        ingest={"client_id": f"bridge-{uuid.uuid4().hex[:8]}"},
+        ingest=ingest,
         **extra,
     )
 

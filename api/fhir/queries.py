@@ -126,7 +126,8 @@ class FhirQueries:
     """Read-only queries for the FHIR routes; SQL errors become :class:`StoreError`."""
 
     def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+        # Reads only: autocommit spares the BEGIN and ROLLBACK round trips.
+        self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     # -- Observation -------------------------------------------------------
 

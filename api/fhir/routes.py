@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from api.auth import AuthError
-from api.deps import BridgeDep, get_bridge
+from api.deps import get_bridge
 from api.fhir import mapping, search
 from api.fhir.queries import FhirQueries, Page, Row, cursor_key
 from api.fhir.search import SearchError
@@ -147,8 +147,10 @@ def _next_link(
     return _link(request, path, [*kept, ("_cursor", cursor)])
 
 
-def _queries(bridge: Any) -> FhirQueries:
-    return FhirQueries(bridge.store.engine)
+def _queries(request: Request) -> FhirQueries:
+    # The bridge is read straight off the app: a sync dependency would cost a
+    # thread hop per request.
+    return FhirQueries(get_bridge(request).store.engine)
 
 
 def _now() -> datetime:
@@ -241,11 +243,9 @@ def metadata(request: Request) -> Response:
 _OBSERVATION_ALLOWED = (*search.OBSERVATION_PARAMS, *search.OBSERVATION_RESULT_PARAMS)
 
 
-def _observation_bundle(
-    request: Request, bridge: Any, pairs: list[tuple[str, str]]
-) -> Response:
+def _observation_bundle(request: Request, pairs: list[tuple[str, str]]) -> Response:
     parsed = search.parse_observation_search(pairs)
-    queries = _queries(bridge)
+    queries = _queries(request)
     page: Page = queries.search_observations(parsed)
 
     base = _base(request)
@@ -291,10 +291,10 @@ def _included(
 
 
 @router.get("/Observation")
-def search_observations(request: Request, bridge: BridgeDep) -> Response:
+def search_observations(request: Request) -> Response:
     """Search Observations (readings); see the CapabilityStatement for parameters."""
     pairs = _checked(request, request.query_params.multi_items(), _OBSERVATION_ALLOWED)
-    return _observation_bundle(request, bridge, pairs)
+    return _observation_bundle(request, pairs)
 
 
 @router.post("/Observation/_search")
@@ -312,17 +312,16 @@ async def search_observations_post(request: Request) -> Response:
         raise FhirError(400, "invalid", "search body is not UTF-8") from exc
     raw = [*request.query_params.multi_items(), *form]
     pairs = _checked(request, raw, _OBSERVATION_ALLOWED)
-    bridge = get_bridge(request)
-    return await run_in_threadpool(_observation_bundle, request, bridge, pairs)
+    return await run_in_threadpool(_observation_bundle, request, pairs)
 
 
 @router.get("/Observation/$lastn")
-def lastn(request: Request, bridge: BridgeDep) -> Response:
+def lastn(request: Request) -> Response:
     """Return the latest ``max`` Observations per code per patient (or device)."""
     allowed = (*search.LASTN_PARAMS, "_format")
     pairs = _checked(request, request.query_params.multi_items(), allowed)
     parsed, max_n = search.parse_lastn([(n, v) for n, v in pairs if n != "_format"])
-    rows, truncated = _queries(bridge).lastn(parsed, max_n)
+    rows, truncated = _queries(request).lastn(parsed, max_n)
 
     base = _base(request)
     entries = [
@@ -348,12 +347,12 @@ def lastn(request: Request, bridge: BridgeDep) -> Response:
 
 
 @router.get("/Observation/{resource_id}")
-def read_observation(resource_id: str, request: Request, bridge: BridgeDep) -> Response:
+def read_observation(resource_id: str, request: Request) -> Response:
     """Read one Observation by id."""
     _checked(request, request.query_params.multi_items(), ("_format",))
     row = None
     if resource_id.isdigit() and len(resource_id) <= 18:
-        row = _queries(bridge).read_observation(int(resource_id))
+        row = _queries(request).read_observation(int(resource_id))
     if row is None:
         raise FhirError(404, "not-found", f"Observation/{resource_id} not found")
     return FhirResponse(mapping.observation(row.reading, row.patient_ref))
@@ -366,11 +365,11 @@ _IDENTIFIER_ALLOWED = ("identifier", *search.RESULT_PARAMS)
 
 
 @router.get("/Device")
-def search_devices(request: Request, bridge: BridgeDep) -> Response:
+def search_devices(request: Request) -> Response:
     """Search Devices (one per kiosk) by identifier."""
     pairs = _checked(request, request.query_params.multi_items(), _IDENTIFIER_ALLOWED)
     sets, count, after = search.parse_identifier_search(pairs, mapping.KIOSK_SYSTEM)
-    rows = _queries(bridge).kiosks(sets, after, count + 1)
+    rows = _queries(request).kiosks(sets, after, count + 1)
     more = len(rows) > count
     rows = rows[:count]
 
@@ -392,10 +391,10 @@ def search_devices(request: Request, bridge: BridgeDep) -> Response:
 
 
 @router.get("/Device/{resource_id}")
-def read_device(resource_id: str, request: Request, bridge: BridgeDep) -> Response:
+def read_device(resource_id: str, request: Request) -> Response:
     """Read the Device of one kiosk."""
     _checked(request, request.query_params.multi_items(), ("_format",))
-    kiosk = _queries(bridge).kiosk_for_id(resource_id)
+    kiosk = _queries(request).kiosk_for_id(resource_id)
     if kiosk is None:
         raise FhirError(404, "not-found", f"Device/{resource_id} not found")
     return FhirResponse(
@@ -404,11 +403,11 @@ def read_device(resource_id: str, request: Request, bridge: BridgeDep) -> Respon
 
 
 @router.get("/Patient")
-def search_patients(request: Request, bridge: BridgeDep) -> Response:
+def search_patients(request: Request) -> Response:
     """Search Patients (the patient_refs scans carry) by identifier."""
     pairs = _checked(request, request.query_params.multi_items(), _IDENTIFIER_ALLOWED)
     sets, count, after = search.parse_identifier_search(pairs, mapping.PATIENT_SYSTEM)
-    refs = _queries(bridge).patients(sets, after, count + 1)
+    refs = _queries(request).patients(sets, after, count + 1)
     more = len(refs) > count
     refs = refs[:count]
 
@@ -430,10 +429,10 @@ def search_patients(request: Request, bridge: BridgeDep) -> Response:
 
 
 @router.get("/Patient/{resource_id}")
-def read_patient(resource_id: str, request: Request, bridge: BridgeDep) -> Response:
+def read_patient(resource_id: str, request: Request) -> Response:
     """Read one Patient: only its identifier is known."""
     _checked(request, request.query_params.multi_items(), ("_format",))
-    ref = _queries(bridge).patient_for_id(resource_id)
+    ref = _queries(request).patient_for_id(resource_id)
     if ref is None:
         raise FhirError(404, "not-found", f"Patient/{resource_id} not found")
     return FhirResponse(mapping.patient(ref))

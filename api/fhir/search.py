@@ -27,6 +27,8 @@ MAX_COUNT = 200
 DEFAULT_COUNT = 50
 LASTN_MAX = 100
 PREFIXES = ("eq", "ne", "gt", "ge", "lt", "le")
+UNSUPPORTED_PREFIXES = ("sa", "eb", "ap")
+MAX_ZONE_OFFSET = timedelta(hours=14)
 
 # The parameters each search implements; the CapabilityStatement is built from
 # these tables, so the two cannot drift.
@@ -129,27 +131,34 @@ def parse_date(text: str) -> DateRange:
     m = _DATE_RE.match(text)
     if m is None:
         raise SearchError(f"invalid date {text!r}")
-    parts = m.groupdict()
     try:
-        year = int(parts["year"])
-        month = int(parts["month"] or 1)
-        day = int(parts["day"] or 1)
-        hour = int(parts["hour"] or 0)
-        minute = int(parts["minute"] or 0)
-        second = int(parts["second"] or 0)
-        fraction = parts["fraction"]
-        micro = int((fraction or "0")[:6].ljust(6, "0"))
-        tz: timezone = UTC
-        if parts["tz"] and parts["tz"] != "Z":
-            sign = 1 if parts["tz"][0] == "+" else -1
-            hh, mm = parts["tz"][1:].split(":")
-            offset = timedelta(hours=int(hh), minutes=int(mm))
-            if offset > timedelta(hours=14):
-                raise SearchError(f"invalid time zone in {text!r}")
-            tz = timezone(sign * offset)
-        start = datetime(year, month, day, hour, minute, second, micro, tzinfo=tz)
+        return _range(m.groupdict())
     except (ValueError, OverflowError) as exc:
         raise SearchError(f"invalid date {text!r}") from exc
+
+
+def _range(parts: dict[str, str | None]) -> DateRange:
+    """Build the range of a matched date; ValueError/OverflowError when impossible."""
+    tz: timezone = UTC
+    zone = parts["tz"]
+    if zone and zone != "Z":
+        sign = 1 if zone[0] == "+" else -1
+        hh, mm = zone[1:].split(":")
+        offset = timedelta(hours=int(hh), minutes=int(mm))
+        if offset > MAX_ZONE_OFFSET:
+            raise ValueError("time zone offset out of range")
+        tz = timezone(sign * offset)
+    fraction = parts["fraction"]
+    start = datetime(
+        int(parts["year"] or 0),
+        int(parts["month"] or 1),
+        int(parts["day"] or 1),
+        int(parts["hour"] or 0),
+        int(parts["minute"] or 0),
+        int(parts["second"] or 0),
+        int((fraction or "0")[:6].ljust(6, "0")),
+        tzinfo=tz,
+    )
 
     if parts["month"] is None:
         end = _add_months(start, 12)
@@ -176,8 +185,10 @@ def parse_date_filter(text: str) -> DateFilter:
     prefix = "eq"
     if text[:2].isalpha():
         prefix, text = text[:2], text[2:]
-        if prefix not in PREFIXES:
+        if prefix in UNSUPPORTED_PREFIXES:
             raise SearchError(f"unsupported date prefix {prefix!r}")
+        if prefix not in PREFIXES:
+            raise SearchError(f"invalid date {prefix + text!r}")
     return DateFilter(prefix, parse_date(text))
 
 

@@ -49,7 +49,7 @@ const state = {
   clockOffsetMs: 0, // server clock minus browser clock
   lastId: null, // highest reading id seen: where a new connection resumes
   loadedHistory: false,
-  initialised: false, // announcements start after the first snapshot
+  initialised: false, // alerts found by later snapshots are announced
   kiosks: new Map(),
   alerts: new Map(),
   detail: null, // {kioskId, scanId, readings: Map id -> reading}
@@ -71,6 +71,7 @@ const conn = {
 };
 
 const $ = (sel, root = document) => root.querySelector(sel);
+const byTime = (a, b) => Date.parse(a.measured_at) - Date.parse(b.measured_at);
 
 // ---- REST and auth ----------------------------------------------------------
 
@@ -307,8 +308,6 @@ function openSocket(gen) {
       onLive(gen, "WebSocket");
     } else if (message.type === "refreshed") {
       noteExpiry(message);
-    } else if (message.type === "refresh" && typeof message.token === "string") {
-      sessionStorage.setItem(TOKEN_KEY, message.token);
     } else {
       handleMessage(message);
     }
@@ -359,7 +358,12 @@ async function openStream(gen) {
         needSignIn("Your token expired or was revoked.");
         return;
       }
-      const message = JSON.parse(data);
+      let message;
+      try {
+        message = JSON.parse(data);
+      } catch {
+        return;
+      }
       message.type = message.type || event;
       handleMessage(message);
     });
@@ -420,16 +424,18 @@ async function resync() {
   state.staleMs = config.stale_seconds * 1000;
   for (const k of kiosks) {
     const kiosk = ensureKiosk(k.kiosk_id);
-    kiosk.state = k.state;
-    kiosk.agentVersion = k.agent_version;
+    if (kiosk.statusAt < started) {
+      kiosk.state = k.state;
+      kiosk.agentVersion = k.agent_version;
+    }
     queueRender(kiosk);
   }
   reconcileAlerts(alerts, started);
+  state.initialised = true;
   if (!state.loadedHistory || state.lastId === null) {
     await loadRecentReadings();
     state.loadedHistory = true;
   }
-  state.initialised = true;
 }
 
 async function loadRecentReadings() {
@@ -450,10 +456,12 @@ function reconcileAlerts(open, fetchedAt) {
   for (const a of open) {
     const known = state.alerts.get(a.alert_id);
     // A live message that came after the request started is newer than the list.
-    if (!known || known.receivedAt < fetchedAt) upsertAlert(a);
+    // Alerts already open when the page loads are shown, not announced; those
+    // raised while the feed was down are announced now.
+    if (!known || known.receivedAt < fetchedAt) upsertAlert(a, state.initialised);
   }
   for (const [id, a] of state.alerts) {
-    if (!ids.has(id) && a.receivedAt < fetchedAt) upsertAlert({ ...a, state: "cleared" });
+    if (!ids.has(id) && a.receivedAt < fetchedAt) upsertAlert({ ...a, state: "cleared" }, false);
   }
 }
 
@@ -462,7 +470,7 @@ function reconcileAlerts(open, fetchedAt) {
 function handleMessage(m) {
   if (m.type === "reading") addReading(m, !m.replay);
   else if (m.type === "status") applyStatus(m);
-  else if (m.type === "alert") upsertAlert(m);
+  else if (m.type === "alert") upsertAlert(m, true);
 }
 
 function ensureKiosk(id) {
@@ -477,6 +485,7 @@ function ensureKiosk(id) {
       latest: {}, // metric -> reading shown on the tile
       spark: {}, // metric -> [{id, t, v, q}] sorted by t
       freshAt: 0, // browser time of the newest measurement
+      statusAt: 0, // browser time the last live status arrived
       dirty: new Set(),
       el: null,
     };
@@ -494,14 +503,16 @@ function addReading(r, live) {
 
   // A value is as fresh as its measurement; a kiosk clock ahead of the server's
   // is capped at the time the bridge received it.
-  const fresh = Math.min(t - state.clockOffsetMs, serverTimeToLocal(r.received_at));
-  kiosk.freshAt = Math.max(kiosk.freshAt, live ? Math.min(fresh, Date.now()) : fresh);
+  const measured = Math.min(t - state.clockOffsetMs, serverTimeToLocal(r.received_at));
+  const freshAt = live ? Math.min(measured, Date.now()) : measured;
+  kiosk.freshAt = Math.max(kiosk.freshAt, freshAt);
 
   // The tile shows the latest measurement, not the latest arrival: a backlog
   // delivered after an outage must not replace a newer value.
   const shown = kiosk.latest[r.metric];
-  if (!shown || t > Date.parse(shown.measured_at) || (t === Date.parse(shown.measured_at) && r.id > shown.id)) {
-    kiosk.latest[r.metric] = r;
+  const shownAt = shown ? Date.parse(shown.measured_at) : -Infinity;
+  if (t > shownAt || (t === shownAt && r.id > shown.id)) {
+    kiosk.latest[r.metric] = { ...r, freshAt };
   }
   const points = (kiosk.spark[r.metric] ||= []);
   if (!points.some((p) => p.id === r.id)) {
@@ -513,7 +524,7 @@ function addReading(r, live) {
   queueRender(kiosk);
 
   const d = state.detail;
-  if (d && d.kioskId === r.kiosk_id && (d.scanId === null || d.scanId === r.scan_id)) {
+  if (d && detailWants(d, r)) {
     d.readings.set(r.id, r);
     queueDetailRender();
   }
@@ -523,6 +534,7 @@ function applyStatus(m) {
   const kiosk = ensureKiosk(m.kiosk_id);
   if (m.kind === "status") {
     kiosk.state = m.state;
+    kiosk.statusAt = Date.now();
     if (m.agent_version) kiosk.agentVersion = m.agent_version;
   } else if (m.kind === "heartbeat") {
     kiosk.heartbeat = m;
@@ -532,7 +544,7 @@ function applyStatus(m) {
   queueRender(kiosk);
 }
 
-function upsertAlert(a) {
+function upsertAlert(a, announceChange) {
   const previous = state.alerts.get(a.alert_id);
   const kiosk = ensureKiosk(a.kiosk_id);
   if (a.state === "cleared") {
@@ -543,7 +555,7 @@ function upsertAlert(a) {
       previous &&
       (SEVERITY_RANK[a.severity] > SEVERITY_RANK[previous.severity] ||
         (previous.state === "acknowledged" && a.state === "raised"));
-    if (state.initialised && a.state === "raised" && (!previous || escalated)) {
+    if (announceChange && a.state === "raised" && (!previous || escalated)) {
       announce(a);
     }
   }
@@ -554,8 +566,11 @@ function upsertAlert(a) {
 async function acknowledge(alertId, button) {
   button.disabled = true;
   button.textContent = "Acknowledging…";
+  const before = state.alerts.get(alertId)?.receivedAt;
   try {
-    upsertAlert(await api(`/api/v1/alerts/${alertId}/ack`, { method: "POST" }));
+    const record = await api(`/api/v1/alerts/${alertId}/ack`, { method: "POST" });
+    // The live feed may already have brought this change, or a newer one.
+    if (state.alerts.get(alertId)?.receivedAt === before) upsertAlert(record, false);
   } catch (err) {
     if (err instanceof AuthError) return;
     if (err instanceof HttpError && err.status === 403) {
@@ -564,7 +579,7 @@ async function acknowledge(alertId, button) {
     }
     if (err instanceof HttpError && err.status === 404) {
       const a = state.alerts.get(alertId);
-      if (a) upsertAlert({ ...a, state: "cleared" });
+      if (a) upsertAlert({ ...a, state: "cleared" }, false);
       return;
     }
     button.disabled = false;
@@ -584,6 +599,7 @@ function announce(a) {
 
 function beep(count) {
   audio ||= new AudioContext();
+  if (audio.state === "suspended") audio.resume(); // needs a user gesture first
   const start = audio.currentTime + 0.05;
   for (let i = 0; i < count; i++) {
     const osc = audio.createOscillator();
@@ -659,9 +675,15 @@ function renderTile(kiosk) {
     const quality = $(".quality", row);
     quality.textContent = `q ${r.quality.toFixed(2)}`;
     row.classList.toggle("low-quality", r.quality < LOW_QUALITY);
-    quality.title = r.quality < LOW_QUALITY ? "Low signal quality: interpret with care" : "Signal quality, 0 to 1";
+    quality.title =
+      r.quality < LOW_QUALITY
+        ? "Low signal quality: interpret with care"
+        : "Signal quality, 0 to 1";
     $(".est", row).hidden = !(r.estimate ?? info.estimate);
-    const earlier = Boolean(scan && r.scan_id && r.scan_id !== scan.id && Date.parse(scan.at) > Date.parse(r.measured_at));
+    // A value from the previous patient's scan must not pass for this one's.
+    const earlier = Boolean(
+      scan && r.scan_id && r.scan_id !== scan.id && Date.parse(scan.at) > Date.parse(r.measured_at),
+    );
     $(".prev", row).hidden = !earlier;
     row.classList.toggle("earlier-scan", earlier);
     row.dataset.readingId = r.id;
@@ -688,10 +710,12 @@ function renderFreshness(kiosk) {
   for (const metric of TILE_METRICS) {
     const r = kiosk.latest[metric];
     if (!r) continue;
-    const age = now - Math.min(Date.parse(r.measured_at) - state.clockOffsetMs, serverTimeToLocal(r.received_at));
-    $(`.metric[data-metric="${metric}"]`, el).dataset.fresh = age > state.staleMs ? "stale" : "fresh";
+    const stale = now - r.freshAt > state.staleMs;
+    $(`.metric[data-metric="${metric}"]`, el).dataset.fresh = stale ? "stale" : "fresh";
   }
-  $(".seen", el).textContent = hasValues ? `last reading ${ago(now - kiosk.freshAt)}` : "no reading yet";
+  $(".seen", el).textContent = hasValues
+    ? `last reading ${ago(now - kiosk.freshAt)}`
+    : "no reading yet";
 }
 
 function ago(ms) {
@@ -709,7 +733,10 @@ function renderAlerts(kiosk) {
   const box = $(".alerts", kiosk.el);
   const open = [...state.alerts.values()]
     .filter((a) => a.kiosk_id === kiosk.id)
-    .sort((a, b) => SEVERITY_RANK[b.severity] - SEVERITY_RANK[a.severity] || b.alert_id - a.alert_id);
+    .sort(
+      (a, b) =>
+        SEVERITY_RANK[b.severity] - SEVERITY_RANK[a.severity] || b.alert_id - a.alert_id,
+    );
   box.replaceChildren(...open.map(alertElement));
   kiosk.el.dataset.alert = open.length ? open[0].severity : "none";
 }
@@ -733,7 +760,10 @@ function alertElement(a) {
     text.append(" ", est);
   }
   const when = document.createElement("small");
-  when.textContent = a.state === "acknowledged" ? ` acknowledged ${clock(a.acknowledged_at)}` : ` since ${clock(a.raised_at)}`;
+  when.textContent =
+    a.state === "acknowledged"
+      ? ` acknowledged ${clock(a.acknowledged_at)}`
+      : ` since ${clock(a.raised_at)}`;
   text.append(when);
   el.append(text);
 
@@ -757,10 +787,12 @@ function renderAlertSummary() {
     el.dataset.severity = "none";
     return;
   }
-  const top = open.reduce((a, b) => (SEVERITY_RANK[b.severity] > SEVERITY_RANK[a.severity] ? b : a));
+  const rank = (a) => SEVERITY_RANK[a.severity];
+  const top = open.reduce((a, b) => (rank(b) > rank(a) ? b : a));
   const waiting = open.filter((a) => a.state === "raised").length;
   el.dataset.severity = top.severity;
-  el.textContent = `${open.length} open alert${open.length > 1 ? "s" : ""}, ${waiting} not acknowledged`;
+  const plural = open.length > 1 ? "s" : "";
+  el.textContent = `${open.length} open alert${plural}, ${waiting} not acknowledged`;
 }
 
 // ---- Charts -----------------------------------------------------------------
@@ -794,7 +826,8 @@ function scale(points, w, h, pad) {
   return {
     lo,
     hi,
-    x: (t) => pad.left + (t1 === t0 ? (w - pad.left - pad.right) : ((t - t0) / (t1 - t0)) * (w - pad.left - pad.right)),
+    // A single point sits at the right edge, where "now" is.
+    x: (t) => pad.left + (t1 === t0 ? 1 : (t - t0) / (t1 - t0)) * (w - pad.left - pad.right),
     y: (v) => pad.top + (1 - (v - lo) / (hi - lo)) * (h - pad.top - pad.bottom),
   };
 }
@@ -824,12 +857,13 @@ function drawChart(canvas, points, estimate) {
   ctx.fillStyle = cssVar("--muted");
   ctx.strokeStyle = cssVar("--grid");
   ctx.lineWidth = 1;
+  const digits = s.hi - s.lo < 3 ? 1 : 0; // keep the three labels distinct
   for (const v of [s.lo, (s.lo + s.hi) / 2, s.hi]) {
     ctx.beginPath();
     ctx.moveTo(pad.left, s.y(v));
     ctx.lineTo(w - pad.right, s.y(v));
     ctx.stroke();
-    ctx.fillText(v.toFixed(0), 4, s.y(v) + 4);
+    ctx.fillText(v.toFixed(digits), 4, s.y(v) + 4);
   }
   ctx.fillText(new Date(points[0].t).toLocaleTimeString(), pad.left, h - 5);
   const endLabel = new Date(points[points.length - 1].t).toLocaleTimeString();
@@ -860,47 +894,87 @@ function drawChart(canvas, points, estimate) {
 
 // ---- Detail view ------------------------------------------------------------
 
+// Show the kiosk's current scan; while it has no readings yet, the latest scan
+// that has some, labelled as such, until the current one produces its first.
 async function openDetail(kioskId) {
   const kiosk = state.kiosks.get(kioskId);
-  const latestReading = Object.values(kiosk.latest).sort((a, b) => Date.parse(b.measured_at) - Date.parse(a.measured_at))[0];
-  const scanId = kiosk.scan ? kiosk.scan.id : latestReading ? latestReading.scan_id : null;
-  state.detail = { kioskId, scanId, readings: new Map(), loading: true };
+  const latestReading = Object.values(kiosk.latest).sort(byTime).pop();
+  const currentScanId = kiosk.scan ? kiosk.scan.id : latestReading?.scan_id ?? null;
+  const d = { kioskId, currentScanId, scanId: currentScanId, readings: new Map(), loading: true };
+  state.detail = d;
   $("#detail-title").textContent = `Kiosk ${kioskId}`;
-  const version = kiosk.agentVersion ? `, agent ${kiosk.agentVersion}` : "";
-  $("#detail-info").textContent = scanId
-    ? `Latest scan ${scanId}${kiosk.scan ? ` (${kiosk.scan.state.replace("_", " ")})` : ""}; kiosk ${kiosk.state}${version}.`
-    : `No scan yet; kiosk ${kiosk.state}${version}. Showing the last readings.`;
   $("#detail-status").textContent = "Loading history…";
   $("#detail-charts").replaceChildren();
+  renderDetailInfo();
   const dialog = $("#detail");
   if (!dialog.open) dialog.showModal();
 
-  // The scan's readings lie after its first known measurement; look a little
+  // The scans' readings lie after the first measurement the tile knows; look
   // further back in case the page joined mid-scan.
   const known = Object.values(kiosk.spark)
     .flat()
     .map((p) => p.t);
   const first = known.length ? Math.min(...known) : Date.now() + state.clockOffsetMs;
   const since = new Date(first - RECENT_READINGS_MS).toISOString();
-  const d = state.detail;
+  const byScan = new Map();
   try {
     let cursor = null;
-    for (let page = 0; page < MAX_PAGES; page++) {
+    for (let page = 0; page < MAX_PAGES && state.detail === d; page++) {
       const query = new URLSearchParams({ kiosk_id: kioskId, since, limit: PAGE_SIZE });
       if (cursor) query.set("cursor", cursor);
       const body = await api(`/api/v1/readings?${query}`);
       for (const r of body.items) {
-        if (scanId === null || r.scan_id === scanId) d.readings.set(r.id, r);
+        if (!byScan.has(r.scan_id)) byScan.set(r.scan_id, new Map());
+        byScan.get(r.scan_id).set(r.id, r);
       }
       cursor = body.next_cursor;
-      if (!cursor || state.detail !== d) break;
+      if (!cursor) break;
     }
     $("#detail-status").textContent = "";
-  } catch (err) {
+  } catch {
     $("#detail-status").textContent = "Could not load the history; showing what arrived live.";
   }
+  if (state.detail !== d) return;
+
+  for (const [id, r] of byScan.get(d.scanId) || []) d.readings.set(id, r);
+  if (!d.readings.size && latestReading && byScan.has(latestReading.scan_id)) {
+    d.scanId = latestReading.scan_id;
+    d.readings = new Map(byScan.get(d.scanId));
+  }
   d.loading = false;
+  renderDetailInfo();
   renderDetail();
+}
+
+function detailWants(d, r) {
+  if (r.kiosk_id !== d.kioskId) return false;
+  if (d.scanId !== d.currentScanId && r.scan_id === d.currentScanId) {
+    // The current scan produced its first reading: switch to it.
+    d.scanId = d.currentScanId;
+    d.readings = new Map();
+    $("#detail-charts").replaceChildren();
+    renderDetailInfo();
+  }
+  return d.scanId === null || r.scan_id === d.scanId;
+}
+
+function renderDetailInfo() {
+  const d = state.detail;
+  const kiosk = state.kiosks.get(d.kioskId);
+  const version = kiosk.agentVersion ? `, agent ${kiosk.agentVersion}` : "";
+  const scanState = kiosk.scan ? ` (${kiosk.scan.state.replace("_", " ")})` : "";
+  let text;
+  if (d.scanId === null) {
+    text = `No scan yet; kiosk ${kiosk.state}${version}. Showing the last readings.`;
+  } else if (d.scanId === d.currentScanId) {
+    text = `Latest scan ${d.scanId}${scanState}; kiosk ${kiosk.state}${version}.`;
+  } else {
+    text =
+      `Scan ${d.currentScanId}${scanState} has no readings yet; showing the ` +
+      `previous scan ${d.scanId}. Kiosk ${kiosk.state}${version}.`;
+  }
+  $("#detail-info").textContent = text;
+  $("#detail").classList.toggle("previous-scan", d.scanId !== d.currentScanId);
 }
 
 let detailFrame = null;
@@ -918,7 +992,7 @@ function renderDetail() {
   const box = $("#detail-charts");
   for (const metric of Object.keys(METRICS)) {
     const info = METRICS[metric];
-    const readings = (byMetric[metric] || []).sort((a, b) => Date.parse(a.measured_at) - Date.parse(b.measured_at));
+    const readings = (byMetric[metric] || []).sort(byTime);
     let fig = $(`figure[data-metric="${metric}"]`, box);
     if (!fig) {
       fig = document.createElement("figure");
@@ -937,18 +1011,34 @@ function renderDetail() {
     const last = readings[readings.length - 1];
     const low = readings.filter((r) => r.quality < LOW_QUALITY).length;
     caption.textContent =
-      `${info.label}${info.estimate ? " (estimate)" : ""}: ${readings.length} readings, ` +
+      `${info.label}${info.estimate ? " (estimate)" : ""}: ` +
+      `${readings.length} reading${readings.length > 1 ? "s" : ""}, ` +
       `last ${last.value.toFixed(info.digits)} ${info.unit}, range ` +
       `${Math.min(...values).toFixed(info.digits)}–${Math.max(...values).toFixed(info.digits)}` +
       (low ? `, ${low} of low quality (hollow)` : "");
-    const points = readings.map((r) => ({ t: Date.parse(r.measured_at), v: r.value, q: r.quality }));
+    const points = readings.map((r) => ({
+      t: Date.parse(r.measured_at),
+      v: r.value,
+      q: r.quality,
+    }));
     drawChart($("canvas", fig), points, info.estimate);
   }
 }
 
 // ---- Start ------------------------------------------------------------------
 
+// `make demo` prints the page address with `#token=...`: the fragment never
+// reaches a server. Keep the token for this tab and drop it from the address bar.
+function takeTokenFromAddress() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const t = params.get("token");
+  if (!t) return;
+  if (TOKEN_PATTERN.test(t)) sessionStorage.setItem(TOKEN_KEY, t);
+  history.replaceState(null, "", location.pathname + location.search);
+}
+
 function start() {
+  takeTokenFromAddress();
   renderAuth();
   const sound = $("#sound");
   sound.checked = localStorage.getItem(SOUND_KEY) === "on";

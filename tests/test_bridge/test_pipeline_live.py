@@ -7,14 +7,17 @@ import threading
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
-from support import BrokerEndpoint, ServerThread, wait_for
+from support import BrokerEndpoint, ServerThread, bridge_settings, wait_for
 
+from kiosk_agent.config import AgentSettings
+from kiosk_agent.simulate import SimulatedKiosk
 from vitals_contract import (
     METRICS,
     Leaf,
@@ -286,3 +289,41 @@ def test_server_sent_events_resume_from_last_event_id(
     assert seqs == [3, 4, 5, 6, 7]
     bad = client.get("/api/v1/stream", headers={"Last-Event-ID": "abc"})
     assert bad.status_code == 422
+
+
+def test_flooding_kiosk_is_slowed_down_without_losing_data(
+    amqtt_broker: BrokerEndpoint, sqlite_url: str, tmp_path: Path
+) -> None:
+    settings = bridge_settings(
+        amqtt_broker,
+        sqlite_url,
+        ingest={"kiosk_messages_per_second": 20, "kiosk_burst": 10},
+    )
+    server = ServerThread(settings)
+    server.start()
+    try:
+        kiosk = SimulatedKiosk(
+            AgentSettings(
+                kiosk_id="flood",
+                mqtt={"port": amqtt_broker.port, "root_topic": amqtt_broker.root},
+                outbox_path=tmp_path / "outbox.db",
+                confirm_timeout_seconds=1,
+            )
+        )
+        stop = threading.Event()
+        runner = threading.Thread(target=kiosk.run, args=(60, 500.0, stop))
+        runner.start()
+        runner.join(60)
+        stop.set()
+        assert not runner.is_alive()
+        seqs = [r["seq"] for r in get_readings(server, kiosk_id="flood")]
+        assert sorted(seqs) == list(range(300))
+        metrics = server.http().get("/metrics").text
+        deferred = next(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("vitals_ingest_rate_limited_total")
+        )
+        assert deferred > 0
+    finally:
+        server.stop()
