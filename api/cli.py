@@ -20,6 +20,7 @@ ConfigOption = Annotated[
     typer.Option(help="TOML config file; VITALS_* environment variables override it."),
 ]
 LogLevel = Annotated[str, typer.Option(help="debug, info, warning")]
+GRACEFUL_SHUTDOWN_SECONDS = 5
 
 
 def _logging(level: str) -> None:
@@ -46,6 +47,8 @@ def run(config: ConfigOption = None, log_level: LogLevel = "info") -> None:
             port=settings.http.port,
             log_level=log_level.lower(),
             ws_max_size=64 * 1024,
+            # Long-lived streams (SSE) must not hold a shutdown forever.
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
             ssl_certfile=settings.http.tls_cert_file,
             ssl_keyfile=settings.http.tls_key_file,
         )

@@ -105,6 +105,7 @@ class ServerThread:
             port=self.port,
             log_level="warning",
             lifespan="on",
+            timeout_graceful_shutdown=3,
             ssl_certfile=ssl[0] if ssl else None,
             ssl_keyfile=ssl[1] if ssl else None,
         )
