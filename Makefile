@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test lint fmt bench clean chromium
+.PHONY: demo test lint fmt bench clean system-tools
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
@@ -21,15 +21,20 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/vitals-bridge demo
 
-# The browser tests drive Debian's Chromium; install it when it is missing (as root,
-# which CI and the machines here are). Elsewhere those tests skip with a reason.
-chromium:
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-	  && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
-	  || echo "chromium not installed: browser tests will skip"; }
+# Tools some tests drive: Debian's Chromium (browser tests), systemd-analyze (unit
+# files) and mosquitto (private brokers). Installed when missing and we are root
+# with apt, as on CI; elsewhere the tests that need them skip with a reason.
+SYSTEM_TOOLS := chromium:chromium systemd-analyze:systemd mosquitto:mosquitto openssl:openssl
+system-tools:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "not installed:$$missing (their tests will skip)"; fi; fi
 
 ## test: lint, format check, type check and the whole test suite
-test: $(STAMP) chromium
+test: $(STAMP) system-tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
