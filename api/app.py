@@ -34,6 +34,7 @@ def create_app(settings: BridgeSettings) -> FastAPI:
             yield
         finally:
             await service.stop()
+            auditor.flush()
 
     app = FastAPI(
         title="Kiosk vitals API",
@@ -43,7 +44,7 @@ def create_app(settings: BridgeSettings) -> FastAPI:
     )
     app.state.bridge = service
     app.state.tokens = TokenService(settings.auth, service.store.engine)
-    app.state.auditor = Auditor(service.store.engine)
+    app.state.auditor = auditor = Auditor(service.store.engine)
     app.state.limiter = RateLimiter(
         settings.limits.requests_per_second, settings.limits.burst
     )

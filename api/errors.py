@@ -7,6 +7,7 @@ with a fitting status; under ``/fhir`` the same failures are FHIR OperationOutco
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -51,7 +52,7 @@ def _respond(
     code: str,
     message: str,
     details: list[Any] | None = None,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     if request.url.path.startswith(FHIR_PREFIX):
         outcome = {

@@ -11,6 +11,7 @@ Protocol (JSON text frames):
   replays every stored reading with ``id > since`` that matches, then streams live
   ``reading``, ``status`` and ``alert`` messages. Each reading carries its ``id``; a
   client that reconnects passes the last one it saw as ``since`` and misses nothing.
+  After a bridge failure a reading may arrive twice; drop repeats by ``id``.
 * authentication happens at the handshake: the client offers the subprotocols
   ``vitals.v1`` and ``bearer.<access token>`` (scope ``vitals.read``); the server
   selects ``vitals.v1``. Before the token expires the client may send

@@ -158,6 +158,7 @@ async def acknowledge_alert(
 
 @router.get("/api/v1/audit", tags=["admin"])
 def read_audit(
+    request: Request,
     bridge: BridgeDep,
     _p: Annotated[Principal, Depends(require(ADMIN))],
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
@@ -168,6 +169,7 @@ def read_audit(
     from bridge.store.models import AuditEvent
 
     query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+    auditor(request).sync()
     with bridge.store.engine.connect() as conn:
         return [
             {

@@ -34,6 +34,12 @@ class IngestSettings(BaseModel):
         "stored, so the kiosk resends them after its confirmation timeout.",
     )
     kiosk_burst: int = Field(default=2_000, ge=1, description="Per-kiosk burst.")
+    shared_group: str | None = Field(
+        default="bridges",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Shared-subscription group for several bridges on an MQTT 5 "
+        "broker; unset, or a 3.1.1 broker, means one bridge takes all.",
+    )
     retry_max_seconds: float = Field(
         default=10.0, ge=0.1, description="Longest back-off between failed commits."
     )

@@ -32,12 +32,6 @@ class Subscription:
     status: bool = True
     alerts: bool = True
 
-    def wants_reading(self, r: StoredReading) -> bool:
-        """Tell whether reading ``r`` matches."""
-        return (self.kiosks is None or r.kiosk_id in self.kiosks) and (
-            self.metrics is None or r.metric in self.metrics
-        )
-
     def wants_kiosk(self, kiosk_id: str) -> bool:
         """Tell whether events of ``kiosk_id`` match."""
         return self.kiosks is None or kiosk_id in self.kiosks
@@ -93,26 +87,21 @@ class Hub:
 
     def publish_readings(self, readings: Iterable[StoredReading]) -> None:
         """Offer each reading to every subscribed client that wants it."""
-        batch = list(readings)
+        self.publish_messages([{"type": "reading", **r.to_json()} for r in readings])
+
+    def publish_event(self, kind: str, kiosk_id: str, body: dict[str, Any]) -> None:
+        """Offer a status or alert message about ``kiosk_id``."""
+        self.publish_messages([{"type": kind, "kiosk_id": kiosk_id, **body}])
+
+    def publish_messages(self, messages: list[dict[str, Any]]) -> None:
+        """Offer rendered messages (``reading``, ``status``, ``alert``) to clients."""
         for client in list(self._clients):
             sub = client.subscription
             if sub is None:
                 continue
-            for r in batch:
-                if sub.wants_reading(r) and not self._offer(
-                    client, {"type": "reading", **r.to_json()}
-                ):
+            for message in messages:
+                if _wanted(sub, message) and not self._offer(client, message):
                     break
-
-    def publish_event(self, kind: str, kiosk_id: str, body: dict[str, Any]) -> None:
-        """Offer a status or alert message about ``kiosk_id``."""
-        message = {"type": kind, "kiosk_id": kiosk_id, **body}
-        for client in list(self._clients):
-            sub = client.subscription
-            if sub is None or not sub.wants_kiosk(kiosk_id):
-                continue
-            if (kind == "status" and sub.status) or (kind == "alert" and sub.alerts):
-                self._offer(client, message)
 
     def _offer(self, client: HubClient, message: dict[str, Any]) -> bool:
         if client.offer(message):
@@ -123,3 +112,17 @@ class Hub:
             log.warning("ws client %d too slow; disconnecting", client.number)
             self._clients.discard(client)
         return False
+
+
+def _wanted(sub: Subscription, message: dict[str, Any]) -> bool:
+    kind = message.get("type")
+    kiosk_id = str(message.get("kiosk_id", ""))
+    if kind == "reading":
+        return sub.wants_kiosk(kiosk_id) and (
+            sub.metrics is None or message.get("metric") in sub.metrics
+        )
+    if kind == "status":
+        return sub.status and sub.wants_kiosk(kiosk_id)
+    if kind == "alert":
+        return sub.alerts and sub.wants_kiosk(kiosk_id)
+    return False

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.alerts import AlertEvaluator, ChangeKind
@@ -61,6 +64,7 @@ from vitals_contract.mqtt import (
 
 log = logging.getLogger(__name__)
 
+LIVE_LEVEL = "live"  # {root}/live/{kiosk_id}: committed data for every bridge's clients
 SUBSCRIBED_LEAVES = (Leaf.READINGS, Leaf.EVENTS, Leaf.STATUS, Leaf.HEARTBEAT)
 RECONNECT_MIN_SECONDS = 1
 RECONNECT_MAX_SECONDS = 10
@@ -132,6 +136,8 @@ class Ingest:
         # A message id is only meaningful on the connection that delivered it; a
         # PUBACK for a stale id would acknowledge some other, uncommitted message.
         self._generation = 0
+        self._shared = False
+        self._live_prefix = f"{settings.mqtt.root_topic}/{LIVE_LEVEL}/"
         self._backoff = JitteredBackoff(RECONNECT_MIN_SECONDS, RECONNECT_MAX_SECONDS)
         self._kiosk_limiter = RateLimiter(
             settings.ingest.kiosk_messages_per_second, settings.ingest.kiosk_burst
@@ -143,6 +149,14 @@ class Ingest:
         self._loop = asyncio.get_running_loop()
         mqtt_settings = self._settings.mqtt
         protocol = await asyncio.to_thread(choose_protocol, mqtt_settings)
+        # Shared subscriptions only on MQTT 5: amqtt (3.1.1) grants `$share/...`
+        # subscriptions and then delivers nothing to them.
+        self._shared = bool(
+            self._settings.ingest.shared_group
+            and protocol is MQTTProtocolVersion.MQTTv5
+        )
+        if self._shared:
+            log.info("sharing ingest with group %s", self._settings.ingest.shared_group)
         client = build_client(
             mqtt_settings,
             self._settings.ingest.client_id,
@@ -203,7 +217,12 @@ class Ingest:
         self._backoff.reset()
         self._backoff.arm(client)
         root = self._settings.mqtt.root_topic
-        client.subscribe([(kiosk_filter(leaf, root), 1) for leaf in SUBSCRIBED_LEAVES])
+        filters = [kiosk_filter(leaf, root) for leaf in SUBSCRIBED_LEAVES]
+        if self._shared:
+            group = self._settings.ingest.shared_group
+            filters = [f"$share/{group}/{f}" for f in filters]
+            filters.append(f"{root}/{LIVE_LEVEL}/+")
+        client.subscribe([(f, 1) for f in filters])
         log.info(
             "connected to broker %s:%d, subscribed",
             self._settings.mqtt.host,
@@ -230,8 +249,13 @@ class Ingest:
         log.warning("broker unreachable; retrying in %.1f s", delay)
 
     def _on_message(
-        self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage
+        self, client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage
     ) -> None:
+        if self._shared and msg.topic.startswith(self._live_prefix):
+            self._call_soon(self._on_live, bytes(msg.payload))
+            if msg.qos:
+                client.ack(msg.mid, msg.qos)
+            return
         delivery = Delivery(
             msg.topic,
             bytes(msg.payload),
@@ -363,7 +387,7 @@ class Ingest:
 
     def publish_alert(self, record: AlertRecord) -> None:
         """Push an alert's current state to live clients and the MQTT alerts topic."""
-        self._hub.publish_event("alert", record.kiosk_id, record.to_json())
+        self._fan_out([{"type": "alert", **record.to_json()}])
         if self._client is None:
             return
         message = AlertMessage(
@@ -412,13 +436,47 @@ class Ingest:
             )
 
     def _publish_live(self, batch: Batch, result: BatchResult) -> None:
-        self._hub.publish_readings(result.new_readings)
+        messages: list[dict[str, Any]] = [
+            {"type": "reading", **r.to_json()}
+            for r in (*result.new_readings, *result.redelivered)
+        ]
         for status in batch.statuses:
-            body = status.model_dump(mode="json", exclude={"v", "kind", "kiosk_id"})
+            body = status.model_dump(mode="json", exclude={"v", "kind"})
             kind = "status" if isinstance(status, KioskStatus) else "heartbeat"
-            self._hub.publish_event("status", status.kiosk_id, {"kind": kind, **body})
+            messages.append({"type": "status", "kind": kind, **body})
         for event in batch.events:
             body = event.model_dump(
-                mode="json", exclude={"v", "kind", "kiosk_id", "patient_ref", "floor"}
+                mode="json", exclude={"v", "kind", "patient_ref", "floor"}
             )
-            self._hub.publish_event("status", event.kiosk_id, {"kind": "scan", **body})
+            messages.append({"type": "status", "kind": "scan", **body})
+        self._fan_out(messages)
+
+    def _fan_out(self, messages: list[dict[str, Any]]) -> None:
+        """Send live messages to this bridge's clients, or to every bridge's.
+
+        With a shared subscription each bridge ingests a share of the traffic, so
+        committed data goes out on the live topic that every bridge subscribes to,
+        and each feeds its own WebSocket clients from there.
+        """
+        if not messages:
+            return
+        if not self._shared or self._client is None:
+            self._hub.publish_messages(messages)
+            return
+        root = self._settings.mqtt.root_topic
+        by_kiosk: dict[str, list[dict[str, Any]]] = {}
+        for m in messages:
+            by_kiosk.setdefault(str(m["kiosk_id"]), []).append(m)
+        for kiosk_id, chunk in by_kiosk.items():
+            payload = json.dumps(chunk, separators=(",", ":")).encode()
+            self._client.publish(f"{root}/{LIVE_LEVEL}/{kiosk_id}", payload, qos=1)
+
+    def _on_live(self, payload: bytes) -> None:
+        """Feed this bridge's clients from another (or this) bridge's commit."""
+        try:
+            messages = json.loads(payload)
+        except ValueError:
+            log.warning("ignored a malformed live message (%d bytes)", len(payload))
+            return
+        if isinstance(messages, list):
+            self._hub.publish_messages([m for m in messages if isinstance(m, dict)])

@@ -52,6 +52,9 @@ def simulate(
     config: Annotated[Path | None, typer.Option(help="TOML config file.")] = None,
     messages: Annotated[int, typer.Option(help="Messages of 5 readings to send.")] = 60,
     rate: Annotated[float, typer.Option(help="Messages per second.")] = 1.0,
+    kiosks: Annotated[
+        int, typer.Option(help="Simulate this many kiosks, ids <kiosk_id>-<n>.")
+    ] = 1,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Send synthetic readings through the real outbox and link (no camera)."""
@@ -59,12 +62,16 @@ def simulate(
         level=log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from kiosk_agent.simulate import SimulatedKiosk
+    from kiosk_agent.simulate import SimulatedKiosk, run_fleet
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    SimulatedKiosk(AgentSettings.load(config)).run(messages, rate, stop)
+    settings = AgentSettings.load(config)
+    if kiosks == 1:
+        SimulatedKiosk(settings).run(messages, rate, stop)
+    else:
+        run_fleet(settings, kiosks, messages, rate, stop)
 
 
 @app.command()

@@ -181,7 +181,7 @@ class MqttLink:
 
     def _on_connect_fail(self, client: mqtt.Client, _userdata: object) -> None:
         delay = self._backoff.arm(client)
-        log.warning("broker unreachable; retrying in %.1f s", delay)
+        log.warning("%s: broker unreachable; retrying in %.1f s", self._kiosk, delay)
 
     def _on_confirm(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         try:

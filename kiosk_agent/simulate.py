@@ -72,7 +72,47 @@ class SimulatedKiosk:
                 stop.wait(max(0.0, next_at - time.monotonic()))
             while not stop.is_set() and self.outbox.depth() > 0:
                 stop.wait(0.1)
-            log.info("simulated kiosk %s drained", self.settings.kiosk_id)
+            if not stop.is_set():
+                log.info("simulated kiosk %s drained", self.settings.kiosk_id)
         finally:
             self.link.stop()
             self.outbox.close()
+
+
+def _run_one(
+    settings: AgentSettings, messages: int, rate_hz: float, stop: threading.Event
+) -> None:
+    # Opening the outbox syncs to disk; doing it in the kiosk's own thread lets a
+    # large fleet come up in parallel rather than one kiosk at a time.
+    SimulatedKiosk(settings).run(messages, rate_hz, stop)
+
+
+def run_fleet(
+    settings: AgentSettings,
+    kiosks: int,
+    messages: int,
+    rate_hz: float,
+    stop: threading.Event,
+) -> None:
+    """Run ``kiosks`` simulated kiosks in threads, ids ``<kiosk_id>-<n>``.
+
+    Each has its own outbox next to ``settings.outbox_path``; returns when all drained.
+    """
+    threads = []
+    for n in range(kiosks):
+        kiosk_id = f"{settings.kiosk_id}-{n}"
+        own = settings.model_copy(
+            update={
+                "kiosk_id": kiosk_id,
+                "outbox_path": settings.outbox_path.with_name(f"{kiosk_id}.db"),
+            }
+        )
+        thread = threading.Thread(
+            target=_run_one,
+            args=(own, messages, rate_hz, stop),
+            name=f"sim[{kiosk_id}]",
+        )
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join()

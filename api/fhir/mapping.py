@@ -155,6 +155,11 @@ def is_hashed_id(fhir_id: str) -> bool:
     )
 
 
+def is_decimal(text: str) -> bool:
+    """Tell whether ``text`` is ASCII digits only (``str.isdigit`` takes "²")."""
+    return text.isascii() and text.isdigit()
+
+
 def reading_identifier(kiosk_id: str, seq: int) -> str:
     """Return the stable business identifier value of a reading."""
     return f"{kiosk_id}:{seq}"
@@ -163,7 +168,7 @@ def reading_identifier(kiosk_id: str, seq: int) -> str:
 def parse_reading_identifier(value: str) -> tuple[str, int] | None:
     """Split ``<kiosk_id>:<seq>``; ``None`` when malformed."""
     kiosk_id, sep, seq = value.rpartition(":")
-    if not sep or not kiosk_id or not seq.isdigit() or len(seq) > 19:
+    if not sep or not kiosk_id or not is_decimal(seq) or len(seq) > 18:
         return None
     return kiosk_id, int(seq)
 

@@ -139,12 +139,12 @@ class FhirQueries:
         clauses: list[ColumnElement[bool]] = []
         if search.metrics is not None:
             clauses.append(_r.c.metric.in_(sorted(m.value for m in search.metrics)))
-        hashed_patients = self._resolve_patients(conn, search.hashed_patients)
-        for keys in search.patients:
-            clauses.append(_s.c.patient_ref.in_(sorted(keys | hashed_patients)))
-        hashed_devices = self._resolve_kiosks(conn, search.hashed_devices)
-        for keys in search.devices:
-            clauses.append(_r.c.kiosk_id.in_(sorted(keys | hashed_devices)))
+        for ids in search.patients:
+            refs = ids.keys | self._resolve_patients(conn, ids.hashed)
+            clauses.append(_s.c.patient_ref.in_(sorted(refs)))
+        for ids in search.devices:
+            kiosks = ids.keys | self._resolve_kiosks(conn, ids.hashed)
+            clauses.append(_r.c.kiosk_id.in_(sorted(kiosks)))
         for pairs in search.readings:
             clauses.append(
                 or_(

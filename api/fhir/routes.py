@@ -26,7 +26,7 @@ from api.auth import AuthError
 from api.deps import get_bridge
 from api.fhir import mapping, search
 from api.fhir.queries import FhirQueries, Page, Row, cursor_key
-from api.fhir.search import SearchError
+from api.fhir.search import FhirError
 from api.security import RateLimitError
 from bridge.errors import StoreError
 
@@ -37,16 +37,6 @@ _ACCEPTABLE = {"*/*", "application/*", "application/json", FHIR_JSON}
 _FORM = "application/x-www-form-urlencoded"
 _MAX_FORM_BYTES = 64 * 1024
 _RESOURCE_TYPES = ("Observation", "Device", "Patient")
-
-
-class FhirError(Exception):
-    """An error the client sees as an OperationOutcome with ``status``."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 class FhirResponse(Response):
@@ -71,16 +61,16 @@ class FhirRoute(APIRoute):
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        route_path = self.path
 
         async def fhir_handler(request: Request) -> Response:
             try:
                 return await handler(request)
             except FhirError as exc:
                 return outcome_response(exc.status, exc.code, exc.message)
-            except SearchError as exc:
-                return outcome_response(400, "invalid", str(exc))
             except StoreError:
-                log.warning("FHIR %s: database unavailable", request.url.path)
+                # The route template, never the URL: ids may name a patient.
+                log.warning("FHIR %s: database unavailable", route_path)
                 return outcome_response(503, "transient", "database unavailable")
             except RequestValidationError:
                 return outcome_response(400, "invalid", "invalid request")
@@ -90,7 +80,7 @@ class FhirRoute(APIRoute):
             except (AuthError, RateLimitError):
                 raise  # answered as OperationOutcome by the app's handlers (api.errors)
             except Exception:
-                log.exception("FHIR %s failed", request.url.path)
+                log.exception("FHIR %s failed", route_path)
                 return outcome_response(500, "exception", "internal server error")
 
         return fhir_handler
@@ -168,7 +158,8 @@ _RESULT_DOC = (
     "default store order), _total (none, estimate, accurate), _format (json), "
     "_cursor (opaque, from next links). Unknown parameters are refused with 400 "
     "unless the request has 'Prefer: handling=lenient'. Search also by POST to "
-    "[type]/_search is supported for Observation only."
+    "[type]/_search is supported for Observation only. Device and Patient "
+    "searches take identifier, _count and _cursor."
 )
 
 
@@ -232,8 +223,7 @@ def capability_statement(base: str) -> mapping.JsonDict:
 @router.get("/metadata")
 def metadata(request: Request) -> Response:
     """Return the CapabilityStatement of exactly what this facade implements."""
-    pairs = _checked(request, request.query_params.multi_items(), ("_format",))
-    del pairs
+    _checked(request, request.query_params.multi_items(), ("_format",))
     return FhirResponse(capability_statement(_base(request)))
 
 
@@ -305,7 +295,7 @@ async def search_observations_post(request: Request) -> Response:
         raise FhirError(415, "not-supported", f"search body must be {_FORM}")
     body = await request.body()
     if len(body) > _MAX_FORM_BYTES:
-        raise FhirError(413, "too-costly", "search body too large")
+        raise FhirError(413, "too-long", "search body too large")
     try:
         form = parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=False)
     except UnicodeDecodeError as exc:
@@ -351,7 +341,7 @@ def read_observation(resource_id: str, request: Request) -> Response:
     """Read one Observation by id."""
     _checked(request, request.query_params.multi_items(), ("_format",))
     row = None
-    if resource_id.isdigit() and len(resource_id) <= 18:
+    if mapping.is_decimal(resource_id) and len(resource_id) <= 18:
         row = _queries(request).read_observation(int(resource_id))
     if row is None:
         raise FhirError(404, "not-found", f"Observation/{resource_id} not found")

@@ -1,7 +1,10 @@
 """Parse FHIR search parameters into typed filters, independent of SQL and HTTP.
 
 Every parser raises :class:`SearchError` with a message safe to show to the
-client; routes turn it into a 400 OperationOutcome.
+client; routes turn it into a 400 OperationOutcome. Exceptions::
+
+    FhirError          status + IssueType code + message, shown as an OperationOutcome
+    └── SearchError    400 invalid: a parameter the server cannot honour
 """
 
 from __future__ import annotations
@@ -19,8 +22,21 @@ from api.fhir import mapping
 from vitals_contract import Metric
 
 
-class SearchError(ValueError):
+class FhirError(Exception):
+    """Base of the facade's errors: the client sees an OperationOutcome."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code  # IssueType code
+        self.message = message
+
+
+class SearchError(FhirError):
     """A search parameter the server cannot honour (HTTP 400)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(400, "invalid", message)
 
 
 MAX_COUNT = 200
@@ -29,6 +45,7 @@ LASTN_MAX = 100
 PREFIXES = ("eq", "ne", "gt", "ge", "lt", "le")
 UNSUPPORTED_PREFIXES = ("sa", "eb", "ap")
 MAX_ZONE_OFFSET = timedelta(hours=14)
+MAX_ID = 2**63 - 1  # BIGINT
 
 # The parameters each search implements; the CapabilityStatement is built from
 # these tables, so the two cannot drift.
@@ -102,18 +119,24 @@ class Token:
     code: str | None  # None: any code
 
 
+@dataclass(frozen=True, slots=True)
+class IdSet:
+    """One reference parameter's values (ORed): decoded keys and hashed ids."""
+
+    keys: frozenset[str]
+    hashed: frozenset[str]  # ids from the hashing fallback, resolved by lookup
+
+
 @dataclass(slots=True)
 class ObservationSearch:
     """A parsed Observation search; lists of sets are ANDed, each set is ORed."""
 
     metrics: set[Metric] | None = None  # None: any
-    patients: list[set[str]] = field(default_factory=list)
-    devices: list[set[str]] = field(default_factory=list)
+    patients: list[IdSet] = field(default_factory=list)
+    devices: list[IdSet] = field(default_factory=list)
     readings: list[set[tuple[str, int]]] = field(default_factory=list)
     dates: list[DateFilter] = field(default_factory=list)
     last_updated: list[DateFilter] = field(default_factory=list)
-    hashed_patients: list[str] = field(default_factory=list)
-    hashed_devices: list[str] = field(default_factory=list)
     sort: Sort = Sort.STORE
     count: int = DEFAULT_COUNT
     total: bool = False
@@ -219,7 +242,7 @@ def parse_reference(text: str, resource_type: str) -> str:
 
 def parse_count(text: str) -> int:
     """Parse ``_count``: a positive integer, capped at :data:`MAX_COUNT`."""
-    if not text.isdigit() or int(text) < 1:
+    if not mapping.is_decimal(text) or int(text) < 1:
         raise SearchError("_count must be a positive integer")
     return min(int(text), MAX_COUNT)
 
@@ -239,7 +262,9 @@ def decode_cursor(token: str, sort: Sort) -> tuple[str, int]:
         raise SearchError("invalid _cursor") from exc
     if version != 1 or sort_value != sort.value:
         raise SearchError("_cursor does not belong to this search")
-    if not isinstance(when, str) or not isinstance(last_id, int):
+    if not isinstance(when, str) or type(last_id) is not int:
+        raise SearchError("invalid _cursor")
+    if not 0 <= last_id <= MAX_ID:
         raise SearchError("invalid _cursor")
     if (sort is Sort.STORE) != (when == ""):
         raise SearchError("invalid _cursor")
@@ -249,11 +274,6 @@ def decode_cursor(token: str, sort: Sort) -> tuple[str, int]:
         except ValueError as exc:
             raise SearchError("invalid _cursor") from exc
     return when, last_id
-
-
-def split_values(values: Sequence[str]) -> list[list[str]]:
-    """Split repeated parameters (AND) into their comma lists (OR)."""
-    return [v.split(",") for v in values]
 
 
 def _category_matches(values: list[str]) -> bool:
@@ -286,19 +306,19 @@ def _reading_keys(values: list[str]) -> set[tuple[str, int]]:
     return keys
 
 
-def _ids(values: list[str], resource_type: str) -> tuple[set[str], list[str]]:
-    """Decode reference values to natural keys, and list the hashed ids apart."""
+def _ids(values: list[str], resource_type: str) -> IdSet:
+    """Decode reference values to natural keys; keep hashed ids apart."""
     keys: set[str] = set()
-    hashed: list[str] = []
+    hashed: set[str] = set()
     for v in values:
         fhir_id = parse_reference(v, resource_type)
         if mapping.is_hashed_id(fhir_id):
-            hashed.append(fhir_id)
+            hashed.add(fhir_id)
             continue
         key = mapping.decode_id(fhir_id)
         if key is not None:
             keys.add(key)
-    return keys, hashed
+    return IdSet(frozenset(keys), frozenset(hashed))
 
 
 def check_names(
@@ -368,13 +388,9 @@ def _apply_filters(
     for name, value in params:
         values = value.split(",")
         if name in ("patient", "subject"):
-            keys, hashed = _ids(values, "Patient")
-            search.patients.append(keys)
-            search.hashed_patients.extend(hashed)
+            search.patients.append(_ids(values, "Patient"))
         elif name == "device":
-            keys, hashed = _ids(values, "Device")
-            search.devices.append(keys)
-            search.hashed_devices.extend(hashed)
+            search.devices.append(_ids(values, "Device"))
         elif name == "code":
             metrics = _metrics_for(values)
             search.metrics = (
@@ -403,7 +419,7 @@ def parse_lastn(params: Sequence[tuple[str, str]]) -> tuple[ObservationSearch, i
     max_text = _single(params, "max")
     max_n = 1
     if max_text is not None:
-        if not max_text.isdigit() or not 1 <= int(max_text) <= LASTN_MAX:
+        if not mapping.is_decimal(max_text) or not 1 <= int(max_text) <= LASTN_MAX:
             raise SearchError(f"max must be an integer from 1 to {LASTN_MAX}")
         max_n = int(max_text)
     return search, max_n
@@ -431,7 +447,7 @@ def parse_identifier_search(
     if cursor is not None:
         try:
             after = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        except (binascii.Error, UnicodeDecodeError) as exc:
+        except ValueError as exc:  # binascii.Error, UnicodeDecodeError, non-ASCII
             raise SearchError("invalid _cursor") from exc
         return sets, count, after
     return sets, count, None

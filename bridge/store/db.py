@@ -13,9 +13,11 @@ from sqlalchemy import (
     Connection,
     Engine,
     Insert,
+    case,
     create_engine,
     event,
     select,
+    tuple_,
     union,
     update,
 )
@@ -147,6 +149,10 @@ class BatchResult:
     """What a committed batch changed."""
 
     new_readings: list[StoredReading]
+    # Readings that were already stored: a redelivery after some fault. Their live
+    # push may have been lost with the bridge that first stored them, so they are
+    # pushed again; clients drop repeats by ``id``.
+    redelivered: list[StoredReading]
     duplicates: int
     through: dict[str, int]  # committed high-water mark of every kiosk in the batch
     status_changed: list[str]
@@ -210,6 +216,7 @@ class Store:
                 kiosks = self._touched_kiosks(batch)
                 self._ensure_kiosks(conn, kiosks)
                 new = self._insert_readings(conn, batch.readings, now)
+                redelivered = self._redelivered(conn, batch.readings, new)
                 new_event_seqs = self._insert_events(conn, batch.events)
                 status_changed = self._apply_statuses(conn, batch.statuses)
                 self._insert_dead(conn, batch.dead, now)
@@ -224,6 +231,7 @@ class Store:
         sent = len(batch.readings) + len(batch.events)
         return BatchResult(
             new_readings=new,
+            redelivered=redelivered,
             duplicates=sent - stored,
             through={k: p.through for k, p in progress.items()},
             status_changed=status_changed,
@@ -277,6 +285,23 @@ class Store:
         stored = [_reading_from_row(row) for row in result]
         stored.sort(key=lambda r: r.id)
         return stored
+
+    @staticmethod
+    def _redelivered(
+        conn: Connection,
+        readings: Sequence[tuple[str, Reading]],
+        new: Sequence[StoredReading],
+    ) -> list[StoredReading]:
+        inserted = {(r.kiosk_id, r.seq) for r in new}
+        repeats = [(k, r.seq) for k, r in readings if (k, r.seq) not in inserted]
+        if not repeats:
+            return []
+        query = (
+            select(*_READING_COLUMNS)
+            .where(tuple_(ReadingRow.kiosk_id, ReadingRow.seq).in_(repeats))
+            .order_by(ReadingRow.id)
+        )
+        return [_reading_from_row(row) for row in conn.execute(query)]
 
     def _insert_events(self, conn: Connection, events: Sequence[ScanEvent]) -> set[int]:
         if not events:
@@ -381,9 +406,15 @@ class Store:
             current = self._progress.get(kiosk_id) or self._load_progress(
                 conn, kiosk_id
             )
-            progress[kiosk_id] = current.advanced(
+            after = current.advanced(
                 seqs.get(kiosk_id, ()), batch.floors.get(kiosk_id, 0)
             )
+            if after.above:
+                # A gap: another bridge sharing the ingest may have stored the missing
+                # seqs, so look at what the database holds before calling it a gap.
+                stored = self._load_progress(conn, kiosk_id)
+                after = after.advanced(stored.above, floor=stored.through + 1)
+            progress[kiosk_id] = after
         return progress
 
     @staticmethod
@@ -409,10 +440,15 @@ class Store:
         now: datetime,
     ) -> None:
         for kiosk_id, p in progress.items():
+            # Never lower the mark: another bridge may have moved it further.
+            mark = case(
+                (Kiosk.committed_through > p.through, Kiosk.committed_through),
+                else_=p.through,
+            )
             conn.execute(
                 update(Kiosk)
                 .where(Kiosk.kiosk_id == kiosk_id)
-                .values(committed_through=p.through, last_seen_at=now)
+                .values(committed_through=mark, last_seen_at=now)
             )
 
     # -- reads ----------------------------------------------------------------

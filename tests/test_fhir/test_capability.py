@@ -1,0 +1,79 @@
+"""The CapabilityStatement claims exactly what the router implements."""
+
+from __future__ import annotations
+
+import httpx
+from starlette.routing import Route
+from test_fhir.conftest import FhirEnv
+
+from api.fhir import router, search
+
+
+def test_capability_statement_matches_the_implementation(fhir: FhirEnv) -> None:
+    cs = fhir.ok("/metadata")
+    assert cs["fhirVersion"] == "4.0.1"
+    assert cs["kind"] == "instance"
+    assert "application/fhir+json" in cs["format"]
+    [rest] = cs["rest"]
+    assert "interaction" not in rest  # no system-wide history, transaction, ...
+    resources = {r["type"]: r for r in rest["resource"]}
+    assert set(resources) == {"Observation", "Device", "Patient"}
+    for r in resources.values():
+        assert [i["code"] for i in r["interaction"]] == ["read", "search-type"]
+
+    obs = resources["Observation"]
+    assert {p["name"] for p in obs["searchParam"]} == set(search.OBSERVATION_PARAMS)
+    assert obs["searchInclude"] == list(search.OBSERVATION_INCLUDES)
+    assert [op["name"] for op in obs["operation"]] == ["lastn"]
+    for name, kind in (
+        ("Device", search.DEVICE_PARAMS),
+        ("Patient", search.PATIENT_PARAMS),
+    ):
+        assert {p["name"] for p in resources[name]["searchParam"]} == set(kind)
+        assert "operation" not in resources[name]
+
+
+def test_every_route_is_declared_and_every_declared_param_works(fhir: FhirEnv) -> None:
+    paths = {r.path for r in router.routes if isinstance(r, Route)}
+    assert paths == {
+        "/fhir/metadata",
+        "/fhir/Observation",
+        "/fhir/Observation/_search",
+        "/fhir/Observation/$lastn",
+        "/fhir/Observation/{resource_id}",
+        "/fhir/Device",
+        "/fhir/Device/{resource_id}",
+        "/fhir/Patient",
+        "/fhir/Patient/{resource_id}",
+        "/fhir/{path:path}",  # the OperationOutcome 404/405 for everything else
+    }
+    samples = {
+        "patient": "p-1",
+        "subject": "Patient/p-1",
+        "code": "8867-4",
+        "category": "vital-signs",
+        "date": "ge2026",
+        "device": "kiosk-a",
+        "identifier": "kiosk-a:1",
+        "_lastUpdated": "ge2026",
+    }
+    cs = fhir.ok("/metadata")
+    for resource in cs["rest"][0]["resource"]:
+        for param in resource["searchParam"]:
+            value = samples[param["name"]]
+            fhir.ok(f"/{resource['type']}", {param["name"]: value})
+        for include in resource.get("searchInclude", ()):
+            fhir.ok(f"/{resource['type']}", {"_include": include})
+
+
+def test_metadata_needs_no_token(fhir: FhirEnv) -> None:
+    response = httpx.get(f"{fhir.base}/metadata")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/fhir+json")
+
+
+def test_requests_without_a_token_get_an_operation_outcome(fhir: FhirEnv) -> None:
+    response = httpx.get(f"{fhir.base}/Observation")
+    assert response.status_code == 401
+    assert response.headers["content-type"].startswith("application/fhir+json")
+    assert response.json()["resourceType"] == "OperationOutcome"
