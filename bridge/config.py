@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from vitals_contract.settings import MqttSettings, TomlEnvSettings
@@ -14,15 +15,18 @@ from vitals_contract.settings import MqttSettings, TomlEnvSettings
 class IngestSettings(BaseModel):
     """How the bridge batches MQTT messages into database commits."""
 
+    model_config = ConfigDict(extra="forbid")
+
     client_id: str = Field(
-        default="vitals-bridge",
-        description="MQTT client id; keep it stable so the broker keeps the session.",
+        default_factory=lambda: f"vitals-bridge-{socket.gethostname()}",
+        description="MQTT client id, unique per bridge and stable across restarts so "
+        "the broker keeps its session; defaults to one derived from the host name.",
     )
     batch_max_messages: int = Field(
         default=500, ge=1, le=10_000, description="Most messages in one commit."
     )
     batch_max_wait_ms: float = Field(
-        default=20.0,
+        default=2.0,
         ge=0,
         le=5_000,
         description="Longest a message waits for its batch to fill before commit.",
@@ -48,6 +52,8 @@ class IngestSettings(BaseModel):
 class HttpSettings(BaseModel):
     """Where the API listens."""
 
+    model_config = ConfigDict(extra="forbid")
+
     host: str = Field(default="127.0.0.1", description="Address the API binds.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port the API binds.")
     tls_cert_file: Path | None = Field(
@@ -61,6 +67,8 @@ class HttpSettings(BaseModel):
 
 class HubSettings(BaseModel):
     """Live WebSocket fan-out."""
+
+    model_config = ConfigDict(extra="forbid")
 
     client_queue_size: int = Field(
         default=2_000,
@@ -78,6 +86,8 @@ class HubSettings(BaseModel):
 class DashboardSettings(BaseModel):
     """What the browser dashboard is told at start-up."""
 
+    model_config = ConfigDict(extra="forbid")
+
     stale_seconds: float = Field(
         default=30.0,
         gt=0,
@@ -92,6 +102,8 @@ MIN_SECRET_LENGTH = 32
 class ApiClient(BaseModel):
     """A machine client (EHR, integration) allowed the client-credentials grant."""
 
+    model_config = ConfigDict(extra="forbid")
+
     client_id: str = Field(min_length=1, max_length=128)
     secret_hash: str = Field(
         description="Argon2 hash of the client secret: `vitals-bridge hash-secret`."
@@ -101,6 +113,8 @@ class ApiClient(BaseModel):
 
 class AuthSettings(BaseModel):
     """OAuth2 bearer tokens (JWT, HS256) for every data endpoint."""
+
+    model_config = ConfigDict(extra="forbid")
 
     jwt_secret: SecretStr = Field(
         default=SecretStr(DEMO_JWT_SECRET),
@@ -123,6 +137,8 @@ class AuthSettings(BaseModel):
 
 class LimitSettings(BaseModel):
     """Input limits of the HTTP API."""
+
+    model_config = ConfigDict(extra="forbid")
 
     max_body_bytes: int = Field(
         default=1_048_576, ge=1024, description="Largest accepted request body."

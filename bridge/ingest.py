@@ -21,6 +21,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,7 @@ from bridge.errors import StoreError
 from bridge.hub import Hub
 from bridge.metrics import BridgeMetrics
 from bridge.ratelimit import RateLimiter
-from bridge.store import Batch, BatchResult, DeadLetterIn, Store
+from bridge.store import Batch, BatchResult, DeadLetterIn, Store, StoredReading
 from bridge.store.alert_store import AlertRecord, AlertStore
 from vitals_contract import (
     AlertMessage,
@@ -128,6 +129,8 @@ class Ingest:
         self._metrics = metrics
         self._alerts = alerts
         self._alert_store = alert_store
+        # Unbounded here, bounded in fact: with manual acknowledgement the broker
+        # stops sending QoS 1 messages once its in-flight window is unacknowledged.
         self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
         self._client: mqtt.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -137,6 +140,9 @@ class Ingest:
         # PUBACK for a stale id would acknowledge some other, uncommitted message.
         self._generation = 0
         self._shared = False
+        self._alert_task: asyncio.Task[None] | None = None
+        # Bounded by the broker like the inbox; one entry per live message.
+        self._live_readings: asyncio.Queue[list[StoredReading]] = asyncio.Queue()
         self._live_prefix = f"{settings.mqtt.root_topic}/{LIVE_LEVEL}/"
         self._backoff = JitteredBackoff(RECONNECT_MIN_SECONDS, RECONNECT_MAX_SECONDS)
         self._kiosk_limiter = RateLimiter(
@@ -178,6 +184,10 @@ class Ingest:
         self._client = client
         self._task = asyncio.create_task(self._batcher(), name="ingest[batcher]")
         self._task.add_done_callback(self._batcher_done)
+        if self._shared:
+            self._alert_task = asyncio.create_task(
+                self._alerts_from_live(), name="ingest[alerts]"
+            )
 
     @property
     def running(self) -> bool:
@@ -191,10 +201,11 @@ class Ingest:
 
     async def stop(self) -> None:
         """Stop the batcher and disconnect; unacknowledged messages are redelivered."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._alert_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._client is not None:
             self._client.disconnect()
             await asyncio.to_thread(self._client.loop_stop)
@@ -289,10 +300,8 @@ class Ingest:
             self._acknowledge(deliveries)
             self._confirm(result)
             self._publish_live(batch, result)
-            try:
-                await self._evaluate_alerts(result)
-            except Exception:  # a rule bug must not stop ingest
-                log.exception("alert evaluation failed; readings are stored")
+            if not self._shared:
+                await self._alert_step(result.new_readings)
 
     def _over_rate(self, topic: str) -> bool:
         """Tell whether the kiosk behind ``topic`` is over its message rate.
@@ -362,9 +371,25 @@ class Ingest:
             )
             return result
 
-    async def _evaluate_alerts(self, result: BatchResult) -> None:
+    async def _alert_step(self, readings: Sequence[StoredReading]) -> None:
+        try:
+            await self._evaluate_alerts(readings)
+        except Exception:  # a rule bug must not stop ingest
+            log.exception("alert evaluation failed; readings are stored")
+
+    async def _alerts_from_live(self) -> None:
+        """Shared ingest: evaluate every bridge's readings, in live-topic order.
+
+        Each bridge commits only a share, but every bridge sees every committed
+        reading on the live topic, so durations and hysteresis see the whole
+        series; the store lets exactly one bridge raise, escalate or clear.
+        """
+        while True:
+            await self._alert_step(await self._live_readings.get())
+
+    async def _evaluate_alerts(self, readings: Sequence[StoredReading]) -> None:
         """Evaluate new readings, persist alert changes, then publish them."""
-        changes = [c for r in result.new_readings if (c := self._alerts.observe(r))]
+        changes = [c for r in readings if (c := self._alerts.observe(r))]
         if not changes:
             return
         delay = 0.1
@@ -478,5 +503,16 @@ class Ingest:
         except ValueError:
             log.warning("ignored a malformed live message (%d bytes)", len(payload))
             return
-        if isinstance(messages, list):
-            self._hub.publish_messages([m for m in messages if isinstance(m, dict)])
+        if not isinstance(messages, list):
+            return
+        messages = [m for m in messages if isinstance(m, dict)]
+        self._hub.publish_messages(messages)
+        readings = []
+        for m in messages:
+            if m.get("type") == "reading":
+                try:
+                    readings.append(StoredReading.from_json(m))
+                except (KeyError, TypeError, ValueError):
+                    log.warning("ignored a malformed live reading")
+        if readings:
+            self._live_readings.put_nowait(readings)

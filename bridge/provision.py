@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 MOSQUITTO_PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.x writes
 MOSQUITTO_SALT_BYTES = 12
 PASSWORD_BYTES = 24
+NEW_PASSWORD_FILE_MODE = 0o640
 ACL_PLUGIN = "amqtt.plugins.topic_checking.TopicAccessControlListPlugin"
 KIOSK_PUBLISHES = (
     Leaf.READINGS,
@@ -62,14 +63,20 @@ def amqtt_hash(password: str) -> str:
 
 
 def _set_password_line(path: Path, user: str, hashed: str | None) -> bool:
-    """Replace (or with ``None`` remove) ``user``'s line; say whether it existed."""
+    """Replace (or with ``None`` remove) ``user``'s line; say whether it existed.
+
+    An existing file keeps its owner, group and mode (the broker's user must still
+    read it); a new one is created readable by its owner and group only.
+    """
     lines = path.read_text().splitlines() if path.exists() else []
     kept = [ln for ln in lines if ln.split(":", 1)[0] != user]
     existed = len(kept) != len(lines)
     if hashed is not None:
         kept.append(f"{user}:{hashed}")
+    created = not path.exists()
     path.write_text("\n".join(kept) + ("\n" if kept else ""))
-    path.chmod(0o600)
+    if created:
+        path.chmod(NEW_PASSWORD_FILE_MODE)
     return existed
 
 

@@ -7,6 +7,7 @@ and benchmarks of the delivery path, where what matters is what gets through.
 from __future__ import annotations
 
 import logging
+import resource
 import threading
 import time
 from datetime import UTC, datetime
@@ -79,6 +80,22 @@ class SimulatedKiosk:
             self.outbox.close()
 
 
+# A kiosk holds its MQTT socket, paho's wake-up socket pair and the outbox's
+# database, WAL and shared-memory files, plus some slack.
+FDS_PER_KIOSK = 8
+
+
+def _raise_fd_limit(needed: int) -> None:
+    """Lift the soft open-files limit towards ``needed`` (up to the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = needed + 64
+    if soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < wanted:
+            log.warning("open-files limit %d is too low for this fleet", new)
+
+
 def _run_one(
     settings: AgentSettings, messages: int, rate_hz: float, stop: threading.Event
 ) -> None:
@@ -98,6 +115,7 @@ def run_fleet(
 
     Each has its own outbox next to ``settings.outbox_path``; returns when all drained.
     """
+    _raise_fd_limit(kiosks * FDS_PER_KIOSK)
     threads = []
     for n in range(kiosks):
         kiosk_id = f"{settings.kiosk_id}-{n}"

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Self
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 
@@ -43,6 +43,8 @@ class TomlEnvSettings(BaseSettings):
 
 class MqttSettings(BaseModel):
     """How to reach the MQTT broker."""
+
+    model_config = ConfigDict(extra="forbid")
 
     host: str = Field(default="127.0.0.1", description="Broker host name or address.")
     port: int = Field(
@@ -99,7 +101,9 @@ def _render_model(
             lines.append(f"# {field.description}")
         lines.append(f"# env: {env}")
         default = field.get_default(call_default_factory=True)
-        if isinstance(default, SecretStr):
+        if field.default_factory is not None and isinstance(default, str):
+            lines.append(f"# {name} = (derived at start-up)")
+        elif isinstance(default, SecretStr):
             lines.append(f'# {name} = "<secret: set it here or in {env}>"')
         elif default is None:
             lines.append(f"# {name} =")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, select, true, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from bridge.errors import StoreError
@@ -125,13 +125,23 @@ class AlertStore:
                                 "acknowledged_at": None,
                                 "acknowledged_by": None,
                             }
-                        conn.execute(
-                            update(Alert).where(Alert.id == c.alert_id).values(values)
+                        # Only an open episode changes, and only once: with several
+                        # bridges evaluating the same readings, one of them wins.
+                        changed = conn.execute(
+                            update(Alert)
+                            .where(
+                                Alert.id == c.alert_id,
+                                Alert.cleared_at.is_(None),
+                                Alert.severity != c.severity.value
+                                if c.kind is ChangeKind.ESCALATE
+                                else true(),
+                            )
+                            .values(values)
                         )
                         row = conn.execute(
                             select(Alert).where(Alert.id == c.alert_id)
                         ).one()
-                        made = True
+                        made = changed.rowcount > 0
                     out.append((c, _record(row), made))
         except SQLAlchemyError as exc:
             raise StoreError(f"alert update failed: {type(exc).__name__}") from exc

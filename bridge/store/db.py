@@ -52,7 +52,9 @@ def make_engine(url: str) -> Engine:
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a confirmed batch lets kiosks delete their copy, so the commit
+            # must survive power loss, not only a crash of the process.
+            cur.execute("PRAGMA synchronous=FULL")
             cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cur.close()
 
@@ -94,6 +96,23 @@ class StoredReading:
     def estimate(self) -> bool:
         """Whether the metric is only an estimate."""
         return METRICS[Metric(self.metric)].estimate
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StoredReading:
+        """Rebuild a reading from :meth:`to_json` output (the live topic)."""
+        return cls(
+            id=int(data["id"]),
+            kiosk_id=str(data["kiosk_id"]),
+            seq=int(data["seq"]),
+            scan_id=data.get("scan_id"),
+            metric=str(data["metric"]),
+            value=float(data["value"]),
+            unit=str(data["unit"]),
+            quality=float(data["quality"]),
+            final=bool(data["final"]),
+            measured_at=datetime.fromisoformat(data["measured_at"]),
+            received_at=datetime.fromisoformat(data["received_at"]),
+        )
 
     def to_json(self) -> dict[str, Any]:
         """Render as the JSON object the API and WebSocket clients receive."""
@@ -249,7 +268,12 @@ class Store:
         return kiosks
 
     def _ensure_kiosks(self, conn: Connection, kiosks: Iterable[str]) -> None:
-        rows = [{"kiosk_id": k, "committed_through": -1} for k in sorted(kiosks)]
+        # Kiosks this store already loaded progress for exist; skip their insert.
+        rows = [
+            {"kiosk_id": k, "committed_through": -1}
+            for k in sorted(kiosks)
+            if k not in self._progress
+        ]
         if rows:
             stmt = self._insert(Kiosk).on_conflict_do_nothing(
                 index_elements=["kiosk_id"]
@@ -279,7 +303,7 @@ class Store:
         stmt: Insert = (
             self._insert(ReadingRow)
             .on_conflict_do_nothing(index_elements=["kiosk_id", "seq"])
-            .returning(*_READING_COLUMNS, sort_by_parameter_order=True)
+            .returning(*_READING_COLUMNS)
         )
         result = conn.execute(stmt, rows)
         stored = [_reading_from_row(row) for row in result]
@@ -439,7 +463,7 @@ class Store:
         batch: Batch,
         now: datetime,
     ) -> None:
-        for kiosk_id, p in progress.items():
+        for kiosk_id, p in sorted(progress.items()):  # one lock order for all bridges
             # Never lower the mark: another bridge may have moved it further.
             mark = case(
                 (Kiosk.committed_through > p.through, Kiosk.committed_through),
