@@ -82,7 +82,8 @@ class SimulatedKiosk:
 
 # A kiosk holds its MQTT socket, paho's wake-up socket pair and the outbox's
 # database, WAL and shared-memory files, plus some slack.
-FDS_PER_KIOSK = 8
+FDS_PER_KIOSK = 6
+SELECT_FD_LIMIT = 1024
 
 
 def _raise_fd_limit(needed: int) -> None:
@@ -116,6 +117,10 @@ def run_fleet(
     Each has its own outbox next to ``settings.outbox_path``; returns when all drained.
     """
     _raise_fd_limit(kiosks * FDS_PER_KIOSK)
+    if kiosks * FDS_PER_KIOSK > SELECT_FD_LIMIT:
+        # paho's network loop uses select(), which cannot watch descriptors past
+        # FD_SETSIZE; kiosks beyond that never connect. Run several processes.
+        log.warning("%d kiosks in one process exceed what paho can poll", kiosks)
     threads = []
     for n in range(kiosks):
         kiosk_id = f"{settings.kiosk_id}-{n}"
