@@ -33,9 +33,13 @@ def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """One headless Chromium for the whole run."""
+    """One headless Chromium per test module.
+
+    Module scope, not session: Playwright's sync API keeps an event loop running
+    while it is open, which would break later tests that start their own loop.
+    """
     sync_api = pytest.importorskip(
         "playwright.sync_api",
         reason="playwright not installed (pip install playwright)",
