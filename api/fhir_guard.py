@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials
 
-from api.auth import AuthError, Principal
+from api.auth import ADMIN, AuthError, Principal
 from api.security import RateLimitError, auditor, bearer, tokens
 
 OPEN_PATHS = frozenset({"/fhir/metadata"})
@@ -29,7 +29,8 @@ async def fhir_guard(
         raise AuthError(401, "invalid_token", "bearer token required")
     principal = tokens(request).verify(credentials.credentials)
     resource_type = path.removeprefix("/fhir/").split("/", 1)[0] or "*"
-    scope = f"system/{resource_type}.read"
+    # The audit trail is for administrators, not for every FHIR reader.
+    scope = ADMIN if resource_type == "AuditEvent" else f"system/{resource_type}.read"
     if not principal.allows(scope):
         raise AuthError(403, "insufficient_scope", f"requires scope {scope}")
     wait = request.app.state.limiter.delay(principal.subject)

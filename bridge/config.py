@@ -171,6 +171,12 @@ class BridgeSettings(TomlEnvSettings):
         default="production",
         description="`demo` accepts the built-in demo secret; `production` refuses it.",
     )
+    retention_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="Delete readings, scan events and dead letters older than this; "
+        "unset keeps everything. Alerts and the audit log are kept.",
+    )
     alert_rules_file: Path | None = Field(
         default=None,
         description="TOML alert rules; unset uses the packaged adult NEWS2 rules.",

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import UTC, datetime, timedelta
 
 from bridge.alerts import AlertEvaluator, load_rules
 from bridge.config import BridgeSettings
+from bridge.errors import StoreError
 from bridge.hub import Hub
 from bridge.ingest import Ingest
 from bridge.metrics import BridgeMetrics
@@ -17,6 +19,8 @@ from bridge.store.migrate import upgrade
 from vitals_contract import systemd
 
 log = logging.getLogger(__name__)
+
+RETENTION_PERIOD_SECONDS = 3600
 
 
 class BridgeService:
@@ -33,6 +37,7 @@ class BridgeService:
             settings, self.store, self.hub, self.metrics, self.alerts, self.alert_store
         )
         self._watchdog: asyncio.Task[None] | None = None
+        self._retention: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Migrate if configured, then start ingest."""
@@ -44,6 +49,11 @@ class BridgeService:
         for alert in await asyncio.to_thread(self.alert_store.list, open_only=True):
             self.alerts.restore(alert.kiosk_id, alert.metric, alert.id, alert.severity)
         await self.ingest.start()
+        if self.settings.retention_days is not None:
+            self._retention = asyncio.create_task(
+                self._purge_periodically(self.settings.retention_days),
+                name="bridge[retention]",
+            )
         systemd.notify("READY=1")
         interval = systemd.watchdog_interval_seconds()
         if interval is not None:
@@ -51,6 +61,20 @@ class BridgeService:
                 self._pet_watchdog(interval), name="bridge[watchdog]"
             )
         log.info("bridge started")
+
+    async def _purge_periodically(self, days: float) -> None:
+        """Apply the retention setting now and then every hour."""
+        while True:
+            cutoff = datetime.now(UTC) - timedelta(days=days)
+            try:
+                removed = await asyncio.to_thread(self.store.purge_older_than, cutoff)
+            except StoreError as exc:
+                log.warning("%s; will retry", exc)
+            else:
+                log.info(
+                    "retention: removed %d readings older than %s", removed, cutoff
+                )
+            await asyncio.sleep(RETENTION_PERIOD_SECONDS)
 
     async def _pet_watchdog(self, interval: float) -> None:
         """Tell systemd we are alive while the event loop keeps turning."""
@@ -68,10 +92,11 @@ class BridgeService:
     async def stop(self) -> None:
         """Stop ingest and release the database."""
         systemd.notify("STOPPING=1")
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+        for task in (self._watchdog, self._retention):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.ingest.stop()
         self.store.close()
         log.info("bridge stopped")

@@ -318,6 +318,7 @@ _MODELS = {
     "Bundle": "fhir.resources.R4B.bundle",
     "OperationOutcome": "fhir.resources.R4B.operationoutcome",
     "CapabilityStatement": "fhir.resources.R4B.capabilitystatement",
+    "AuditEvent": "fhir.resources.R4B.auditevent",
 }
 
 

@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl, urlencode
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
@@ -29,6 +30,8 @@ from api.fhir.queries import FhirQueries, Page, Row, cursor_key
 from api.fhir.search import FhirError
 from api.security import RateLimitError
 from bridge.errors import StoreError
+from bridge.store.db import utc
+from bridge.store.models import AuditEvent
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ FHIR_JSON = "application/fhir+json"
 _ACCEPTABLE = {"*/*", "application/*", "application/json", FHIR_JSON}
 _FORM = "application/x-www-form-urlencoded"
 _MAX_FORM_BYTES = 64 * 1024
-_RESOURCE_TYPES = ("Observation", "Device", "Patient")
+_RESOURCE_TYPES = ("Observation", "Device", "Patient", "AuditEvent")
 
 
 class FhirResponse(Response):
@@ -213,6 +216,12 @@ def capability_statement(base: str) -> mapping.JsonDict:
                         "type": "Patient",
                         "interaction": _READ_SEARCH,
                         "searchParam": _search_params(search.PATIENT_PARAMS),
+                    },
+                    {
+                        "type": "AuditEvent",
+                        "documentation": "Admins only (scope vitals.admin); the "
+                        "newest records first, no search parameters but _count.",
+                        "interaction": [{"code": "search-type"}],
                     },
                 ],
             }
@@ -426,6 +435,54 @@ def read_patient(resource_id: str, request: Request) -> Response:
     if ref is None:
         raise FhirError(404, "not-found", f"Patient/{resource_id} not found")
     return FhirResponse(mapping.patient(ref))
+
+
+# -- AuditEvent (admins only; see api/fhir_guard.py) --------------------------
+
+AUDIT_MAX_COUNT = 200
+_AUDIT_ACTIONS = {"read": "R", "subscribe": "R", "fhir.read": "R", "ack": "U"}
+
+
+def audit_event(row: Any) -> mapping.JsonDict:
+    """Map one audit record to an R4 AuditEvent."""
+    return {
+        "resourceType": "AuditEvent",
+        "id": str(row.id),
+        "type": {
+            "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+            "code": "rest",
+            "display": "RESTful Operation",
+        },
+        "action": _AUDIT_ACTIONS.get(row.action, "E"),
+        "recorded": mapping.instant(utc(row.at)),
+        "outcome": "0" if row.outcome == "ok" else "4",
+        "outcomeDesc": row.action,
+        "agent": [{"who": {"display": row.actor}, "requestor": True}],
+        "source": {"observer": {"display": "kiosk-vitals API"}},
+        "entity": [{"description": row.resource}],
+    }
+
+
+@router.get("/AuditEvent")
+def search_audit_events(request: Request) -> Response:
+    """Return the newest audit records as AuditEvents (``_count``, newest first)."""
+    pairs = _checked(request, request.query_params.multi_items(), ("_count", "_format"))
+    raw = dict(pairs).get("_count", "50")
+    if not raw.isdigit() or not 1 <= int(raw) <= AUDIT_MAX_COUNT:
+        raise FhirError(400, "invalid", f"_count must be 1..{AUDIT_MAX_COUNT}")
+    request.app.state.auditor.sync()
+    query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(int(raw))
+    with request.app.state.bridge.store.engine.connect() as conn:
+        rows = conn.execute(query).all()
+    base = _base(request)
+    entries = [
+        mapping.entry(f"{base}/AuditEvent/{r.id}", audit_event(r), "match")
+        for r in rows
+    ]
+    links = [("self", _link(request, "AuditEvent", pairs))]
+    return FhirResponse(
+        mapping.bundle(entries=entries, links=links, total=None, timestamp=_now())
+    )
 
 
 # -- everything else -----------------------------------------------------------

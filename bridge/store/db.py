@@ -15,6 +15,7 @@ from sqlalchemy import (
     Insert,
     case,
     create_engine,
+    delete,
     event,
     select,
     tuple_,
@@ -523,6 +524,19 @@ class Store:
                 ]
         except SQLAlchemyError as exc:
             raise StoreError(f"kiosks query failed: {type(exc).__name__}") from exc
+
+    def purge_older_than(self, cutoff: datetime) -> int:
+        """Delete readings, scan events and dead letters before ``cutoff``."""
+        try:
+            with self.engine.begin() as conn:
+                removed = conn.execute(
+                    delete(ReadingRow).where(ReadingRow.measured_at < cutoff)
+                ).rowcount
+                conn.execute(delete(ScanEventRow).where(ScanEventRow.at < cutoff))
+                conn.execute(delete(DeadLetter).where(DeadLetter.received_at < cutoff))
+        except SQLAlchemyError as exc:
+            raise StoreError(f"retention purge failed: {type(exc).__name__}") from exc
+        return int(removed)
 
     def ping(self) -> None:
         """Run a trivial query; raise :class:`StoreError` when the database is down."""

@@ -273,3 +273,28 @@ def test_default_secret_is_refused_outside_the_demo() -> None:
         BridgeSettings(environment="demo").auth.jwt_secret.get_secret_value()
         == DEMO_JWT_SECRET
     )
+
+
+def test_audit_trail_as_fhir_auditevents_for_admins_only(server: ServerThread) -> None:
+    from api.fhir.mapping import to_model
+
+    server.http(("vitals.read",)).get("/api/v1/readings", params={"kiosk_id": "k7"})
+    everything_fhir = server.http(("system/*.read",))
+    assert everything_fhir.get("/fhir/AuditEvent").status_code == 403
+    bundle = server.http(("vitals.admin",)).get(
+        "/fhir/AuditEvent", params={"_count": 5}
+    )
+    assert bundle.status_code == 200
+    assert bundle.headers["content-type"].startswith("application/fhir+json")
+    to_model(bundle.json())
+    events = [e["resource"] for e in bundle.json()["entry"]]
+    for event in events:
+        to_model(event)
+    assert any(
+        e["agent"][0]["who"]["display"] == "test-user"
+        and e["entity"][0]["description"].startswith("readings?kiosk_id=k7")
+        for e in events
+    )
+    bad = server.http(("vitals.admin",)).get("/fhir/AuditEvent", params={"_count": 0})
+    assert bad.status_code == 400
+    assert bad.json()["resourceType"] == "OperationOutcome"

@@ -156,3 +156,14 @@ def test_queries_filter_and_page(store: Store) -> None:
     page2 = store.readings(limit=4, after_id=page1[-1].id)
     assert [r.seq for r in page1 + page2] == list(range(8))
     assert page1[0].measured_at.tzinfo is not None
+
+
+def test_retention_purges_old_readings_only(store: Store) -> None:
+    store.write_batch(Batch(readings=[("k1", make_reading(s)) for s in range(10)]))
+    removed = store.purge_older_than(T0 + timedelta(seconds=4))
+    assert removed == 4
+    assert [r.seq for r in store.readings(limit=100)] == [4, 5, 6, 7, 8, 9]
+    # The delivery mark is untouched: purged seqs are not asked for again.
+    assert store.write_batch(Batch(readings=[("k1", make_reading(10))])).through == {
+        "k1": 10
+    }

@@ -17,9 +17,10 @@ def test_capability_statement_matches_the_implementation(fhir: FhirEnv) -> None:
     [rest] = cs["rest"]
     assert "interaction" not in rest  # no system-wide history, transaction, ...
     resources = {r["type"]: r for r in rest["resource"]}
-    assert set(resources) == {"Observation", "Device", "Patient"}
-    for r in resources.values():
-        assert [i["code"] for i in r["interaction"]] == ["read", "search-type"]
+    assert set(resources) == {"Observation", "Device", "Patient", "AuditEvent"}
+    for name, r in resources.items():
+        expected = ["search-type"] if name == "AuditEvent" else ["read", "search-type"]
+        assert [i["code"] for i in r["interaction"]] == expected
 
     obs = resources["Observation"]
     assert {p["name"] for p in obs["searchParam"]} == set(search.OBSERVATION_PARAMS)
@@ -45,6 +46,7 @@ def test_every_route_is_declared_and_every_declared_param_works(fhir: FhirEnv) -
         "/fhir/Device/{resource_id}",
         "/fhir/Patient",
         "/fhir/Patient/{resource_id}",
+        "/fhir/AuditEvent",
         "/fhir/{path:path}",  # the OperationOutcome 404/405 for everything else
     }
     samples = {
@@ -59,7 +61,7 @@ def test_every_route_is_declared_and_every_declared_param_works(fhir: FhirEnv) -
     }
     cs = fhir.ok("/metadata")
     for resource in cs["rest"][0]["resource"]:
-        for param in resource["searchParam"]:
+        for param in resource.get("searchParam", ()):
             value = samples[param["name"]]
             fhir.ok(f"/{resource['type']}", {param["name"]: value})
         for include in resource.get("searchInclude", ()):
