@@ -197,10 +197,10 @@ async def _stream(ws: WebSocket, client: HubClient, session: _Session) -> None:
                     if reason:
                         await ws.close(CLOSE_UNAUTHORIZED, reason)
                 return
-            message = getter.result()
-            if already_replayed(client, message):
+            item = getter.result()
+            if already_replayed(client, item.message):
                 continue
-            await ws.send_json(message)
+            await ws.send_text(item.text)
     finally:
         for task in (dropped, receiver, watch):
             task.cancel()

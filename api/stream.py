@@ -30,12 +30,11 @@ router = APIRouter()
 HEARTBEAT_SECONDS = 15.0
 
 
-def _event(message: dict[str, Any]) -> str:
+def _event(message: dict[str, Any], text: str | None = None) -> str:
     kind = message.get("type", "message")
     head = f"id: {message['id']}\n" if kind == "reading" else ""
-    return (
-        f"{head}event: {kind}\ndata: {json.dumps(message, separators=(',', ':'))}\n\n"
-    )
+    data = text if text is not None else json.dumps(message, separators=(",", ":"))
+    return f"{head}event: {kind}\ndata: {data}\n\n"
 
 
 @router.get("/api/v1/stream", tags=["live"])
@@ -89,13 +88,13 @@ async def _events(
                 yield 'event: auth\ndata: {"error":"token expired or revoked"}\n\n'
                 return
             try:
-                message = await asyncio.wait_for(client.queue.get(), HEARTBEAT_SECONDS)
+                item = await asyncio.wait_for(client.queue.get(), HEARTBEAT_SECONDS)
             except TimeoutError:
                 if await request.is_disconnected():
                     return
                 yield ": keep-alive\n\n"
                 continue
-            if not already_replayed(client, message):
-                yield _event(message)
+            if not already_replayed(client, item.message):
+                yield _event(item.message, item.text)
     finally:
         bridge.hub.unregister(client)

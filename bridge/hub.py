@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -37,18 +38,26 @@ class Subscription:
         return self.kiosks is None or kiosk_id in self.kiosks
 
 
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message for clients, with its JSON text encoded once for all of them."""
+
+    message: dict[str, Any]
+    text: str
+
+
 @dataclass(eq=False, slots=True)
 class HubClient:
     """One connected client: its filter, its queue and why it was dropped."""
 
     number: int
-    queue: asyncio.Queue[dict[str, Any]]
+    queue: asyncio.Queue[Outgoing]
     subscription: Subscription | None = None
     dropped: asyncio.Event = field(default_factory=asyncio.Event)
     # Readings at or below this id were already sent by a replay.
     replayed_through: int = 0
 
-    def offer(self, message: dict[str, Any]) -> bool:
+    def offer(self, message: Outgoing) -> bool:
         """Queue ``message``; on overflow mark the client dropped and say False."""
         if self.dropped.is_set():
             return False
@@ -94,16 +103,22 @@ class Hub:
         self.publish_messages([{"type": kind, "kiosk_id": kiosk_id, **body}])
 
     def publish_messages(self, messages: list[dict[str, Any]]) -> None:
-        """Offer rendered messages (``reading``, ``status``, ``alert``) to clients."""
+        """Offer messages (``reading``, ``status``, ``alert``) to clients.
+
+        Each message is encoded to JSON once, however many clients receive it.
+        """
+        if not self._clients:
+            return
+        outgoing = [Outgoing(m, json.dumps(m, separators=(",", ":"))) for m in messages]
         for client in list(self._clients):
             sub = client.subscription
             if sub is None:
                 continue
-            for message in messages:
-                if _wanted(sub, message) and not self._offer(client, message):
+            for item in outgoing:
+                if _wanted(sub, item.message) and not self._offer(client, item):
                     break
 
-    def _offer(self, client: HubClient, message: dict[str, Any]) -> bool:
+    def _offer(self, client: HubClient, message: Outgoing) -> bool:
         if client.offer(message):
             self.delivered += 1
             return True

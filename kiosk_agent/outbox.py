@@ -77,6 +77,7 @@ class Outbox:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            (self._count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
         except sqlite3.Error as exc:
             raise AgentError(f"cannot open outbox {path}: {exc}") from exc
 
@@ -113,6 +114,7 @@ class Outbox:
                 " VALUES (?, ?, ?, ?, ?)",
                 (first, seqs[-1], leaf, body, now),
             )
+            self._count += 1
             self._db.execute(
                 "UPDATE meta SET value = ? WHERE key = 'next_seq'", (seqs[-1] + 1,)
             )
@@ -121,21 +123,26 @@ class Outbox:
 
     def _enforce_bounds(self, now: float) -> None:
         """Drop the oldest rows past the size or age bound; log and count them."""
-        (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
-        excess = max(0, count - self.max_messages)
+        excess = max(0, self._count - self.max_messages)
         cutoff = now - self.max_age_seconds
-        doomed = self._db.execute(
-            "SELECT first_seq, last_seq FROM outbox"
-            " WHERE first_seq IN (SELECT first_seq FROM outbox ORDER BY first_seq LIMIT ?)"
-            " OR created_at < ? ORDER BY first_seq",
-            (excess, cutoff),
-        ).fetchall()
-        if not doomed:
-            return
+        oldest = self._db.execute(
+            "SELECT created_at FROM outbox ORDER BY first_seq LIMIT 1"
+        ).fetchone()
+        if not excess and (oldest is None or oldest[0] >= cutoff):
+            return  # the common case: two index lookups, no scan
+        # Rows are appended in time order, so the doomed ones are a prefix.
+        doomed = []
+        for first, last, created in self._db.execute(
+            "SELECT first_seq, last_seq, created_at FROM outbox ORDER BY first_seq"
+        ):
+            if len(doomed) >= excess and created >= cutoff:
+                break
+            doomed.append((first, last))
         dropped_seqs = sum(last - first + 1 for first, last in doomed)
         self._db.executemany(
             "DELETE FROM outbox WHERE first_seq = ?", [(first,) for first, _ in doomed]
         )
+        self._count -= len(doomed)
         self._db.execute(
             "UPDATE meta SET value = value + ? WHERE key = 'dropped'", (dropped_seqs,)
         )
@@ -182,6 +189,7 @@ class Outbox:
         """Delete every row wholly at or below ``through``; return how many."""
         with self._lock:
             cur = self._db.execute("DELETE FROM outbox WHERE last_seq <= ?", (through,))
+            self._count -= cur.rowcount
         if cur.rowcount:
             log.debug("released %d messages through seq %d", cur.rowcount, through)
         return cur.rowcount
@@ -197,8 +205,7 @@ class Outbox:
     def depth(self) -> int:
         """Return the number of messages waiting for confirmation."""
         with self._lock:
-            (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
-        return int(count)
+            return self._count
 
     @property
     def dropped(self) -> int:
