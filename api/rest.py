@@ -20,10 +20,16 @@ MAX_PAGE = 1000
 
 
 class ReadingsPage(BaseModel):
-    """One page of readings in store order, with the cursor of the next page."""
+    """One page of readings in store order.
+
+    ``next_cursor`` continues after this page (also for polling: readings stored
+    later appear there); it is null only for an empty page. ``has_more`` says
+    whether more readings were already waiting.
+    """
 
     items: list[dict[str, Any]]
     next_cursor: str | None
+    has_more: bool
 
 
 @router.get("/health", tags=["operations"])
@@ -110,15 +116,19 @@ def list_readings(
             since=since,
             until=until,
             after_id=int(cursor) if cursor else None,
-            limit=limit,
+            limit=limit + 1,  # one more tells whether more are waiting
         )
     except StoreError as exc:
         raise HTTPException(503, "database unavailable") from exc
     auditor(request).record(
         principal.subject, "read", f"readings?{request.url.query}"[:256]
     )
-    next_cursor = str(rows[-1].id) if len(rows) == limit else None
-    return ReadingsPage(items=[r.to_json() for r in rows], next_cursor=next_cursor)
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = str(rows[-1].id) if rows else None
+    return ReadingsPage(
+        items=[r.to_json() for r in rows], next_cursor=next_cursor, has_more=has_more
+    )
 
 
 @router.get("/api/v1/alerts", tags=["alerts"])

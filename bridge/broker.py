@@ -20,6 +20,8 @@ from vitals_contract import systemd
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_TIMEOUT_SECONDS = 5.0
+
 DEFAULT_CONFIG = (
     Path(__file__).resolve().parent.parent / "broker_config" / "amqtt-demo.yaml"
 )
@@ -64,6 +66,7 @@ async def serve(config: dict[str, Any], stop: asyncio.Event) -> None:
     try:
         await stop.wait()
     finally:
+        # amqtt's shutdown can hang on a stuck client; never let it hold the stop.
         with contextlib.suppress(Exception):
-            await broker.shutdown()
+            await asyncio.wait_for(broker.shutdown(), SHUTDOWN_TIMEOUT_SECONDS)
         log.info("amqtt broker stopped")

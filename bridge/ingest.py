@@ -86,7 +86,12 @@ class Delivery:
 def add_to_batch(batch: Batch, topic: str, payload: bytes, root: str) -> None:
     """Validate one message into ``batch``; anything invalid becomes a dead letter."""
     parsed = parse_kiosk_topic(topic, root)
-    if parsed is None or parsed.leaf not in SUBSCRIBED_LEAVES:
+    if parsed is not None and parsed.leaf not in SUBSCRIBED_LEAVES:
+        # amqtt now and then hands a subscriber retained messages of other leaves
+        # (our own confirmations); they are not data and not an error.
+        log.debug("ignored a message on %s", topic)
+        return
+    if parsed is None:
         batch.dead.append(DeadLetterIn(topic, "not a kiosk data topic", payload))
         return
     kiosk_id = parsed.kiosk_id
@@ -98,7 +103,11 @@ def add_to_batch(batch: Batch, topic: str, payload: bytes, root: str) -> None:
                 DeadLetterIn(topic, bad.reason, payload, kiosk_id, bad.seq)
                 for bad in split.bad
             )
-            batch.note_floor(kiosk_id, split.floor)
+            # A floor settles seqs the kiosk says it dropped; it can never be above
+            # what the same message carries, or a forged message could release
+            # a kiosk's unsent backlog.
+            if split.good:
+                batch.note_floor(kiosk_id, min(split.floor, split.good[0].seq))
             return
         message = parse_payload(parsed.leaf, payload, kiosk_id)
     except ContractError as exc:
@@ -106,7 +115,7 @@ def add_to_batch(batch: Batch, topic: str, payload: bytes, root: str) -> None:
         return
     if isinstance(message, ScanEvent):
         batch.events.append(message)
-        batch.note_floor(kiosk_id, message.floor)
+        batch.note_floor(kiosk_id, min(message.floor, message.seq))
     elif isinstance(message, KioskStatus | Heartbeat):
         batch.statuses.append(message)
 

@@ -79,7 +79,7 @@ def test_face_without_pulse_is_refused() -> None:
 
 
 def test_no_face_is_refused() -> None:
-    engine, _ = run(SceneConfig(duration_s=8.0, face=False, seed=13))
+    engine, _ = run(SceneConfig(duration_s=3.0, face=False, seed=13))
     s = engine.summary()
     assert s.reason == "no face"
     assert s.face_fraction == 0.0
@@ -105,7 +105,7 @@ def test_non_increasing_timestamps_are_dropped() -> None:
 
 
 def test_hrv_refused_on_short_windows() -> None:
-    engine, _ = run(SceneConfig(duration_s=12.0, heart_rate_bpm=70.0, seed=15))
+    engine, _ = run(SceneConfig(duration_s=10.0, heart_rate_bpm=70.0, seed=15))
     s = engine.summary()
     assert s.estimates[Metric.HEART_RATE.value].value is not None
     sdnn = s.estimates[Metric.HRV_SDNN.value]

@@ -101,12 +101,22 @@ def test_global_pos_keeps_slow_blood_changes() -> None:
     assert np.corrcoef(global_pos(rgb), breath)[0, 1] > 0.99
 
 
-def test_pulse_frequency_prefers_the_fundamental_over_a_strong_harmonic() -> None:
+@pytest.mark.parametrize("harmonic", [2, 3])
+def test_pulse_frequency_prefers_the_fundamental_over_a_strong_harmonic(
+    harmonic: int,
+) -> None:
     t = np.arange(int(DURATION_S * FS)) / FS
-    x = 0.9 * np.sin(2 * np.pi * 1.0 * t) + np.sin(2 * np.pi * 2.0 * t)
+    x = 0.9 * np.sin(2 * np.pi * 1.0 * t) + np.sin(2 * np.pi * harmonic * t)
     freqs, power = spectrum(x, FS, PULSE_BAND_HZ)
-    assert dominant_frequency(freqs, power) == pytest.approx(2.0, abs=0.02)
+    assert dominant_frequency(freqs, power) == pytest.approx(harmonic, abs=0.02)
     assert pulse_frequency(freqs, power) == pytest.approx(1.0, abs=0.02)
+
+
+def test_pulse_frequency_keeps_a_fast_pulse_without_subharmonic() -> None:
+    t = np.arange(int(DURATION_S * FS)) / FS
+    x = np.sin(2 * np.pi * 2.7 * t) + 0.1 * np.sin(2 * np.pi * 0.9 * t)
+    freqs, power = spectrum(x, FS, PULSE_BAND_HZ)
+    assert pulse_frequency(freqs, power) == pytest.approx(2.7, abs=0.02)
 
 
 def test_resample_uniform_handles_jittered_timestamps() -> None:
