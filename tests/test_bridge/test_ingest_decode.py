@@ -30,7 +30,7 @@ def message(items: list[dict[str, object]], floor: int = 0) -> bytes:
             "sent_at": AT,
             "floor": floor,
             "readings": items,
-        }  # fmt: skip
+        }
     ).encode()
 
 
