@@ -22,7 +22,7 @@ from typing import Final
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import interpolate, ndimage, signal
+from scipy import interpolate, signal
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ PROMINENCE_FRACTION: Final = 0.15
 RANGE_PERCENTILES: Final = (5.0, 95.0)
 # An IBI further than this from the median of its neighbours is an artefact.
 IBI_MEDIAN_TOLERANCE: Final = 0.25
-IBI_MEDIAN_NEIGHBOURS: Final = 5
+IBI_GLOBAL_TOLERANCE: Final = 0.35  # first pass, around the median of the scan
+IBI_MEDIAN_NEIGHBOURS: Final = 9  # wide enough that two bad IBIs do not bias it
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,10 @@ def detect_beats(
         return _no_beats()
     times = fine_t[peaks] + _parabolic_offsets(fine, peaks) / UPSAMPLE_HZ + t0_s
     troughs = np.array(
-        [fine[max(0, b) : p + 1].min() for b, p in zip(props["left_bases"], peaks)]
+        [
+            fine[max(0, b) : p + 1].min()
+            for b, p in zip(props["left_bases"], peaks, strict=True)
+        ]
     )
     amplitudes = fine[peaks] - troughs
 
@@ -103,14 +107,28 @@ def detect_beats(
 
 
 def reject_artefacts(ibi_s: FloatArray) -> NDArray[np.bool_]:
-    """Return a mask (K,) of IBIs that are plausible and agree with their neighbours."""
+    """Return a mask (K,) of IBIs that are plausible and agree with their neighbours.
+
+    Two passes: IBIs far from the median of all plausible IBIs are set aside, then
+    each IBI is compared with the median of the remaining ones among its
+    ``IBI_MEDIAN_NEIGHBOURS`` nearest, so a run of bad beats cannot bias its own
+    reference.
+    """
     if len(ibi_s) == 0:
         return np.zeros(0, dtype=bool)
     plausible = (ibi_s >= 60.0 / MAX_HR_BPM) & (ibi_s <= 60.0 / MIN_HR_BPM)
-    size = min(IBI_MEDIAN_NEIGHBOURS, len(ibi_s))
-    local = ndimage.median_filter(ibi_s, size=size, mode="nearest")
-    consistent = np.abs(ibi_s - local) <= IBI_MEDIAN_TOLERANCE * local
-    return np.asarray(plausible & consistent, dtype=bool)
+    if not plausible.any():
+        return plausible
+    overall = float(np.median(ibi_s[plausible]))
+    first = plausible & (np.abs(ibi_s - overall) <= IBI_GLOBAL_TOLERANCE * overall)
+    half = IBI_MEDIAN_NEIGHBOURS // 2
+    ok = np.zeros(len(ibi_s), dtype=bool)
+    for i in np.flatnonzero(plausible):
+        lo, hi = max(0, i - half), min(len(ibi_s), i + half + 1)
+        ref = ibi_s[lo:hi][first[lo:hi]]
+        local = float(np.median(ref)) if len(ref) else overall
+        ok[i] = abs(ibi_s[i] - local) <= IBI_MEDIAN_TOLERANCE * local
+    return ok
 
 
 def _parabolic_offsets(x: FloatArray, peaks: NDArray[np.intp]) -> FloatArray:

@@ -25,6 +25,7 @@ FloatArray = NDArray[np.float64]
 SNR_HALF_WIDTH_HZ: Final = 0.1  # +-6 /min around the fundamental and the harmonic
 SNR_REFUSE_DB: Final = 0.0  # below it there is no usable pulse
 SNR_GOOD_DB: Final = 6.0  # at or above it the pulse quality is 1
+TEMPLATE_MIN_BEATS: Final = 4
 
 
 def pulse_snr_db(freqs: FloatArray, power: FloatArray, pulse_hz: float) -> float:
@@ -50,3 +51,33 @@ def snr_quality(snr_db: float) -> float:
 def clamp01(x: float) -> float:
     """Clamp x to [0, 1]; NaN becomes 0."""
     return 0.0 if not np.isfinite(x) else float(min(1.0, max(0.0, x)))
+
+
+def template_correlation(
+    pulse: FloatArray, fs: float, t0_s: float, beat_times_s: FloatArray
+) -> float:
+    """Return the mean correlation of each beat with the average beat (0..1).
+
+    The beat-template signal-quality index of Orphanidou et al. (2015): segments of
+    one median IBI centred on each beat of the pulse (N,) at fs Hz are averaged into
+    a template; the index is the mean Pearson correlation of the segments with it.
+    Clean pulses score above ~0.9, noise well below.
+
+    Reference: C. Orphanidou et al., "Signal-quality indices for the
+    electrocardiogram and photoplethysmogram", IEEE J. Biomed. Health Inform. 19
+    (2015) 832.
+    """
+    if len(beat_times_s) < TEMPLATE_MIN_BEATS:
+        return 0.0
+    half = int(0.5 * float(np.median(np.diff(beat_times_s))) * fs)
+    centres = np.round((beat_times_s - t0_s) * fs).astype(int)
+    centres = centres[(centres - half >= 0) & (centres + half < len(pulse))]
+    if len(centres) < TEMPLATE_MIN_BEATS or half < 1:
+        return 0.0
+    segments = np.stack([pulse[c - half : c + half + 1] for c in centres])
+    template = segments.mean(axis=0)
+    seg = segments - segments.mean(axis=1, keepdims=True)
+    tpl = template - template.mean()
+    denom = np.linalg.norm(seg, axis=1) * np.linalg.norm(tpl)
+    corr = np.where(denom > 0, seg @ tpl / np.where(denom > 0, denom, 1.0), 0.0)
+    return clamp01(float(np.mean(corr)))

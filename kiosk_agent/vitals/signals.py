@@ -44,6 +44,12 @@ POS_PROJECTION: Final = np.array([[0.0, 1.0, -1.0], [-2.0, 1.0, 1.0]])
 CHROM_X: Final = np.array([3.0, -2.0, 0.0])
 CHROM_Y: Final = np.array([1.5, 1.0, -1.5])
 SPECTRUM_PAD_SECONDS: Final = 120.0  # zero-padding for a fine peak grid
+# A pulse with a strong dicrotic wave can have more power at twice the heart rate
+# than at it; a subharmonic peak with at least this share of the main peak's power
+# is taken as the fundamental.
+SUBHARMONIC_POWER_RATIO: Final = 0.5
+SUBHARMONIC_TOLERANCE: Final = 0.1  # relative search window around f/k
+SUBHARMONIC_DIVISORS: Final = (3, 2)  # lowest candidate first
 METHODS: Final = ("pos", "chrom", "green")
 
 
@@ -167,7 +173,7 @@ def global_pos(rgb: FloatArray) -> FloatArray:
     cn = rgb / rgb.mean(axis=0, keepdims=True)
     s = cn @ POS_PROJECTION.T  # (N, 2)
     alpha = s[:, 0].std() / max(s[:, 1].std(), np.finfo(float).tiny)
-    return -(s[:, 0] + alpha * s[:, 1])
+    return np.asarray(-(s[:, 0] + alpha * s[:, 1]), dtype=np.float64)
 
 
 def spectrum(
@@ -178,7 +184,7 @@ def spectrum(
     power = np.abs(np.fft.rfft((x - x.mean()) * np.hanning(len(x)), n_fft)) ** 2
     freqs = np.fft.rfftfreq(n_fft, 1.0 / fs)
     inside = (freqs >= band[0]) & (freqs <= band[1])
-    return freqs[inside], power[inside]
+    return freqs[inside].astype(np.float64), power[inside].astype(np.float64)
 
 
 def dominant_frequency(freqs: FloatArray, power: FloatArray) -> float:
@@ -190,6 +196,28 @@ def dominant_frequency(freqs: FloatArray, power: FloatArray) -> float:
         offset = 0.0 if denom == 0 else 0.5 * (a - c) / denom
         return float(freqs[i] + offset * (freqs[1] - freqs[0]))
     return float(freqs[i])
+
+
+def pulse_frequency(freqs: FloatArray, power: FloatArray) -> float:
+    """Return the pulse rate (Hz) of a band spectrum: its peak, or a subharmonic.
+
+    A pulse with a sharp systolic upstroke and a dicrotic wave can carry more power
+    at its 2nd or 3rd harmonic than at its rate; a peak at f/3 or f/2 with at least
+    SUBHARMONIC_POWER_RATIO of the main peak's power is taken as the fundamental.
+    """
+    f = dominant_frequency(freqs, power)
+    for divisor in SUBHARMONIC_DIVISORS:
+        centre = f / divisor
+        lo = (1 - SUBHARMONIC_TOLERANCE) * centre
+        hi = (1 + SUBHARMONIC_TOLERANCE) * centre
+        near = (freqs >= lo) & (freqs <= hi)
+        if lo < freqs[0] or not np.any(near):
+            continue
+        if power[near].max() >= SUBHARMONIC_POWER_RATIO * power.max():
+            sub = int(np.flatnonzero(near)[0] + np.argmax(power[near]))
+            lo_i, hi_i = max(sub - 1, 0), min(sub + 2, len(power))
+            return dominant_frequency(freqs[lo_i:hi_i], power[lo_i:hi_i])
+    return f
 
 
 def resample_uniform(

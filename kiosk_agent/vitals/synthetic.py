@@ -64,7 +64,8 @@ _SYSTOLIC_WIDTH_FRACTION: Final = 0.10
 _DIASTOLIC_DELAY_FRACTION: Final = 0.32
 _DIASTOLIC_WIDTH_FRACTION: Final = 0.12
 _DIASTOLIC_RELATIVE_HEIGHT: Final = 0.4
-_NOISE_BANK_FRAMES: Final = 48
+_MIN_TRUTH_BEATS: Final = 4  # fewer beats give no meaningful HR / HRV truth
+_NOISE_BANK_FRAMES: Final = 24  # drawn at random per frame, so not periodic
 _LF_HRV_HZ: Final = 0.1  # Mayer-wave (baroreflex) rhythm of heart rate, 0.1 Hz
 
 
@@ -110,14 +111,15 @@ class SceneTruth:
 def _astronaut_bgr() -> NDArray[np.uint8]:
     """Return the cropped astronaut portrait as BGR uint8 (H, W, 3)."""
     try:
-        from skimage import data  # noqa: PLC0415 - optional dependency
+        from skimage import data
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise RuntimeError(
             "synthetic faces need scikit-image: pip install 'kiosk-vitals[demo]'"
         ) from exc
-    rgb = data.astronaut()[_ASTRONAUT_CROP]
+    rgb = data.astronaut()[_ASTRONAUT_CROP]  # type: ignore[no-untyped-call]
     bgr = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)
-    return cv2.resize(bgr, FRAME_SIZE, interpolation=cv2.INTER_CUBIC)
+    resized = cv2.resize(bgr, FRAME_SIZE, interpolation=cv2.INTER_CUBIC)
+    return np.asarray(resized, dtype=np.uint8)
 
 
 @functools.cache
@@ -143,7 +145,7 @@ def _skin_mask() -> NDArray[np.float32]:
     skin = cv2.morphologyEx(skin, cv2.MORPH_CLOSE, kernel)
     mask = skin.astype(np.float32) / 255.0
     k = _SKIN_EDGE_BLUR_PIXELS
-    return cv2.GaussianBlur(mask, (k, k), 0)
+    return np.asarray(cv2.GaussianBlur(mask, (k, k), 0), dtype=np.float32)
 
 
 @functools.cache
@@ -197,8 +199,8 @@ def pulse_waveform(
         * ((dt - _DIASTOLIC_DELAY_FRACTION * ibi) / (_DIASTOLIC_WIDTH_FRACTION * ibi))
         ** 2
     )
-    wave = np.sum(systolic + diastolic, axis=1)
-    return wave - wave.mean()
+    wave = np.asarray(np.sum(systolic + diastolic, axis=1), dtype=np.float64)
+    return np.asarray(wave - wave.mean(), dtype=np.float64)
 
 
 def _ibi_truth(
@@ -260,13 +262,14 @@ class SyntheticScene:
         else:
             self._base = background_image()
             self._modulation = np.zeros_like(self._base)
-        self._noise = rng.normal(
-            0.0, config.noise_sigma_dn, (_NOISE_BANK_FRAMES, *self._base.shape)
-        ).astype(np.float32)
+        shape = (_NOISE_BANK_FRAMES, *self._base.shape)
+        self._noise = rng.standard_normal(shape, dtype=np.float32)
+        self._noise *= np.float32(config.noise_sigma_dn)
         self._noise_order = rng.integers(0, _NOISE_BANK_FRAMES, self.n_frames)
 
         # Ground truth.
-        if config.face and config.pulse:
+        inside = (beats >= 0.0) & (beats <= config.duration_s)
+        if config.face and config.pulse and inside.sum() >= _MIN_TRUTH_BEATS:
             hr, sdnn, rmssd = _ibi_truth(beats, config.duration_s)
             self.truth = SceneTruth(beats, hr, sdnn, rmssd, config.respiratory_rate_bpm)
         else:
@@ -295,7 +298,7 @@ class SyntheticScene:
 def write_video(scene: SyntheticScene, path: str, fourcc: str = "MJPG") -> None:
     """Write the scene to a video file with an OpenCV codec (MJPG, XVID, ...)."""
     writer = cv2.VideoWriter(
-        path, cv2.VideoWriter_fourcc(*fourcc), scene.config.fps, FRAME_SIZE
+        path, cv2.VideoWriter.fourcc(*fourcc), scene.config.fps, FRAME_SIZE
     )
     if not writer.isOpened():
         raise RuntimeError(f"OpenCV cannot write {fourcc} to {path}")
