@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 
 import psutil
 
@@ -195,7 +196,9 @@ RUNTIME_SETTINGS: dict[str, tuple[type, float, float]] = {
 }
 
 
-def _apply_settings(controller: ScanController, args: dict[str, object]) -> str | None:
+def _apply_settings(
+    controller: ScanController, args: Mapping[str, object]
+) -> str | None:
     """Validate every requested change first, then apply them all; or none."""
     if not args:
         return "set needs at least one setting"

@@ -77,7 +77,8 @@ class Outbox:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
-            (self._count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+            (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+            self._count = int(count)
         except sqlite3.Error as exc:
             raise AgentError(f"cannot open outbox {path}: {exc}") from exc
 
@@ -131,7 +132,7 @@ class Outbox:
         if not excess and (oldest is None or oldest[0] >= cutoff):
             return  # the common case: two index lookups, no scan
         # Rows are appended in time order, so the doomed ones are a prefix.
-        doomed = []
+        doomed: list[tuple[int, int]] = []
         for first, last, created in self._db.execute(
             "SELECT first_seq, last_seq, created_at FROM outbox ORDER BY first_seq"
         ):
