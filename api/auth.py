@@ -12,6 +12,7 @@ Scopes:
 ``vitals.alerts.ack``       acknowledge alerts
 ``vitals.patient.read``     see patient references on scans
 ``vitals.metrics``          Prometheus metrics
+``vitals.ingest``           upload readings and scans over HTTP
 ``vitals.admin``            audit log, token revocation, everything above
 ``system/<Type>.read``      FHIR reads (SMART backend services), or ``system/*.read``
 ==========================  ==================================================
@@ -44,6 +45,7 @@ READ = "vitals.read"
 ACK = "vitals.alerts.ack"
 PATIENT_READ = "vitals.patient.read"
 METRICS_READ = "vitals.metrics"
+INGEST = "vitals.ingest"
 ALL_SCOPES = (READ, ACK, PATIENT_READ, METRICS_READ, ADMIN, "system/*.read")
 REVOCATION_REFRESH_SECONDS = 5.0
 

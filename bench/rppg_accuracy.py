@@ -44,7 +44,14 @@ from kiosk_agent.vitals.synthetic import SceneConfig, SyntheticScene
 
 logger = logging.getLogger("bench.rppg_accuracy")
 
-PHYSIO_CSV: Final = Path("/work/shared/data/physio/sample_vitals_1.csv")
+# The workplace's shared data sits beside the repository (../shared).
+PHYSIO_CSV: Final = (
+    Path(__file__).resolve().parents[2]
+    / "shared"
+    / "data"
+    / "physio"
+    / "sample_vitals_1.csv"
+)
 PHYSIO_FS: Final = 30.0  # one row per video frame (README)
 MATCH_TOLERANCE_S: Final = 0.15  # beat match window after removing the median lag
 ECG_REFRACTORY_S: Final = 0.3

@@ -312,6 +312,20 @@ class Ingest:
             if not self._shared:
                 await self._alert_step(result.new_readings)
 
+    async def commit_from_http(self, batch: Batch) -> BatchResult:
+        """Commit readings that arrived over HTTP and treat them like MQTT ones.
+
+        They are stored under the same ``(kiosk_id, seq)`` key, confirmed to the
+        kiosk, pushed live and evaluated for alerts.
+        """
+        result = await self._commit(batch)
+        if self._client is not None:
+            self._confirm(result)
+        self._publish_live(batch, result)
+        if not self._shared:
+            await self._alert_step(result.new_readings)
+        return result
+
     def _over_rate(self, topic: str) -> bool:
         """Tell whether the kiosk behind ``topic`` is over its message rate.
 
