@@ -432,4 +432,5 @@ def post_endpoint(base_url: str, ca_file: Path | None) -> dict[str, str]:
             found["single"] = path
         elif path.startswith("/api/v1/readings") and "batch" in path:
             found["batch"] = path
+            found.setdefault("single", path)  # a batch of one reading
     return found

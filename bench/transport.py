@@ -389,17 +389,14 @@ async def _post_client(conn: Channel, p: dict[str, Any], r: Receipts) -> None:
         async def send() -> None:
             t0 = time.time()
             for n, body in enumerate(bodies):
-                stamped = c.stamp(body)
-                resp = await http.post(
-                    p["post_path"],
-                    content=stamped,
-                    headers={"Content-Type": "application/json"},
-                )
+                readings = json.loads(c.stamp(body))["readings"]
+                items = [{**item, "kiosk_id": kiosk} for item in readings]
+                resp = await http.post(p["post_path"], json=items)
                 now = time.time()
                 if resp.status_code >= 300:
                     r.note = f"HTTP {resp.status_code}"
                     return
-                for item in json.loads(stamped)["readings"]:
+                for item in readings:
                     r.add(kiosk, item["seq"], item["measured_at"], now)
                 due = t0 + (n + 1) * p["seconds"] / total
                 await asyncio.sleep(max(0.0, due - time.time()))
