@@ -57,6 +57,7 @@ from vitals_contract import (
     utc_now,
 )
 from vitals_contract.mqtt import (
+    SESSION_EXPIRY_SECONDS,
     JitteredBackoff,
     build_client,
     choose_protocol,
@@ -65,6 +66,7 @@ from vitals_contract.mqtt import (
 
 log = logging.getLogger(__name__)
 
+SHARED_SESSION_EXPIRY_SECONDS = 10
 LIVE_LEVEL = "live"  # {root}/live/{kiosk_id}: committed data for every bridge's clients
 SUBSCRIBED_LEAVES = (Leaf.READINGS, Leaf.EVENTS, Leaf.STATUS, Leaf.HEARTBEAT)
 RECONNECT_MIN_SECONDS = 1
@@ -183,11 +185,17 @@ class Ingest:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        # A bridge that shares ingest keeps a short session: the broker goes on
+        # handing a dead member its share until the session expires, and kiosks
+        # only resend to the living once it has.
+        expiry = (
+            SHARED_SESSION_EXPIRY_SECONDS if self._shared else SESSION_EXPIRY_SECONDS
+        )
         client.connect_async(
             mqtt_settings.host,
             mqtt_settings.port,
             keepalive=mqtt_settings.keepalive_seconds,
-            **connect_kwargs(protocol),  # type: ignore[arg-type]
+            **connect_kwargs(protocol, expiry),  # type: ignore[arg-type]
         )
         client.loop_start()
         self._client = client

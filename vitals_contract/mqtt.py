@@ -89,12 +89,14 @@ def choose_protocol(settings: MqttSettings) -> MQTTProtocolVersion:
 SESSION_EXPIRY_SECONDS = 7 * 24 * 3600
 
 
-def connect_kwargs(protocol: MQTTProtocolVersion) -> dict[str, object]:
+def connect_kwargs(
+    protocol: MQTTProtocolVersion, session_expiry_seconds: int = SESSION_EXPIRY_SECONDS
+) -> dict[str, object]:
     """Return ``connect()`` arguments that keep the session across reconnects."""
     if protocol is not MQTTProtocolVersion.MQTTv5:
         return {}
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    props.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
+    props.SessionExpiryInterval = session_expiry_seconds
     return {"clean_start": False, "properties": props}
 
 
