@@ -4,10 +4,11 @@ The order inside one step is the delivery guarantee:
 
 1. messages are validated; bad ones become dead letters in the same batch;
 2. the batch is committed in one transaction (duplicates are skipped by key);
-3. only then is each message's PUBACK sent (paho manual acknowledgement);
-4. each kiosk in the batch gets one retained confirmation of its contiguous
-   high-water mark, which lets its outbox release what is stored;
-5. new readings and status changes go to the live hub.
+3. new readings and status changes go to the live hub (or, when bridges share
+   ingest, to the live topic every bridge feeds its clients from);
+4. only then is each message's PUBACK sent (paho manual acknowledgement);
+5. each kiosk in the batch gets one retained confirmation of its contiguous
+   high-water mark, which lets its outbox release what is stored.
 
 A failed commit is retried with back-off and nothing is acknowledged meanwhile, so
 the broker redelivers whatever a crash leaves unacknowledged.
@@ -314,9 +315,12 @@ class Ingest:
                     continue
                 add_to_batch(batch, d.topic, d.payload, root)
             result = await self._commit(batch)
+            # Live data goes out before the confirmation, on the same connection:
+            # a bridge killed in between has not confirmed, so the kiosk resends,
+            # and the redelivery is pushed live again by whoever stores it.
+            self._publish_live(batch, result)
             self._acknowledge(deliveries)
             self._confirm(result)
-            self._publish_live(batch, result)
             if not self._shared:
                 await self._alert_step(result.new_readings)
 
@@ -327,9 +331,9 @@ class Ingest:
         kiosk, pushed live and evaluated for alerts.
         """
         result = await self._commit(batch)
+        self._publish_live(batch, result)
         if self._client is not None:
             self._confirm(result)
-        self._publish_live(batch, result)
         if not self._shared:
             await self._alert_step(result.new_readings)
         return result
