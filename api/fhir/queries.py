@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -31,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from api.fhir import mapping
 from api.fhir.search import DateFilter, ObservationSearch, Sort
 from bridge.errors import StoreError
-from bridge.store.db import StoredReading
+from bridge.store.db import StoredReading, reading_from_row, utc
 from bridge.store.models import Kiosk, ReadingRow, Scan
 
 log = logging.getLogger(__name__)
@@ -84,24 +84,8 @@ class Page:
     total: int | None
 
 
-def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 def _row(row: Any) -> Row:
-    reading = StoredReading(
-        id=row.id,
-        kiosk_id=row.kiosk_id,
-        seq=row.seq,
-        scan_id=row.scan_id,
-        metric=row.metric,
-        value=row.value,
-        unit=row.unit,
-        quality=row.quality,
-        final=row.final,
-        measured_at=_utc(row.measured_at),
-        received_at=_utc(row.received_at),
-    )
+    reading = reading_from_row(row)
     return Row(reading, row.patient_ref)
 
 
@@ -282,7 +266,7 @@ class FhirQueries:
                     KioskRow(
                         r.kiosk_id,
                         r.agent_version,
-                        None if r.last_seen_at is None else _utc(r.last_seen_at),
+                        None if r.last_seen_at is None else utc(r.last_seen_at),
                     )
                     for r in conn.execute(query)
                 ]
@@ -394,7 +378,7 @@ def _ordered(query: Select[Any], search: ObservationSearch) -> Select[Any]:
 
 
 def _cursor_time(cursor: tuple[str, int]) -> datetime:
-    return _utc(datetime.fromisoformat(cursor[0]))
+    return utc(datetime.fromisoformat(cursor[0]))
 
 
 def cursor_key(row: Row, sort: Sort) -> tuple[str, int]:

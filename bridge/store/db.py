@@ -194,7 +194,8 @@ _READING_COLUMNS = (
 )
 
 
-def _reading_from_row(row: Any) -> StoredReading:
+def reading_from_row(row: Any) -> StoredReading:
+    """Build a :class:`StoredReading` from a row holding the readings columns."""
     return StoredReading(
         id=row.id,
         kiosk_id=row.kiosk_id,
@@ -339,7 +340,7 @@ class Store:
                 .returning(*_READING_COLUMNS)
             )
             result = conn.execute(stmt, rows)
-        stored = [_reading_from_row(row) for row in result]
+        stored = [reading_from_row(row) for row in result]
         stored.sort(key=lambda r: r.id)
         return stored
 
@@ -358,7 +359,7 @@ class Store:
             .where(tuple_(ReadingRow.kiosk_id, ReadingRow.seq).in_(repeats))
             .order_by(ReadingRow.id)
         )
-        return [_reading_from_row(row) for row in conn.execute(query)]
+        return [reading_from_row(row) for row in conn.execute(query)]
 
     def _insert_events(self, conn: Connection, events: Sequence[ScanEvent]) -> set[int]:
         if not events:
@@ -534,7 +535,7 @@ class Store:
             query = query.where(ReadingRow.id > after_id)
         try:
             with self.engine.connect() as conn:
-                return [_reading_from_row(row) for row in conn.execute(query)]
+                return [reading_from_row(row) for row in conn.execute(query)]
         except SQLAlchemyError as exc:
             raise StoreError(f"readings query failed: {type(exc).__name__}") from exc
 
