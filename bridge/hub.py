@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +76,7 @@ class Hub:
         self._queue_size = queue_size
         self._clients: set[HubClient] = set()
         self._numbers = itertools.count(1)
+        self._listeners: list[Callable[[list[dict[str, Any]]], None]] = []
         self.delivered = 0
         self.dropped_clients = 0
 
@@ -94,6 +95,15 @@ class Hub:
         self._clients.discard(client)
         log.info("ws client %d left (%d connected)", client.number, len(self))
 
+    def add_listener(self, listener: Callable[[list[dict[str, Any]]], None]) -> None:
+        """Call ``listener`` on the event loop with every batch of messages published.
+
+        For in-process consumers other than WebSocket clients (FHIR subscriptions):
+        a listener must return quickly and must not raise; it gets the messages
+        before they are encoded and must not change them.
+        """
+        self._listeners.append(listener)
+
     def publish_readings(self, readings: Iterable[StoredReading]) -> None:
         """Offer each reading to every subscribed client that wants it."""
         self.publish_messages([{"type": "reading", **r.to_json()} for r in readings])
@@ -107,6 +117,11 @@ class Hub:
 
         Each message is encoded to JSON once, however many clients receive it.
         """
+        for listener in self._listeners:
+            try:
+                listener(messages)
+            except Exception:
+                log.exception("hub listener failed")
         if not self._clients:
             return
         outgoing = [Outgoing(m, json.dumps(m, separators=(",", ":"))) for m in messages]

@@ -489,8 +489,12 @@ def search_audit_events(request: Request) -> Response:
 
 _KNOWN_PATHS = ("metadata", "Observation/_search", "Observation/$lastn")
 
+# Included after every other FHIR router (see api/fhir/__init__.py): it answers
+# whatever they do not.
+fallback = APIRouter(prefix="/fhir", tags=["fhir"], route_class=FhirRoute)
 
-@router.api_route(
+
+@fallback.api_route(
     "/{path:path}",
     methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
     include_in_schema=False,
