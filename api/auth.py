@@ -15,6 +15,7 @@ Scopes:
 ``vitals.ingest``           upload readings and scans over HTTP
 ``vitals.admin``            audit log, token revocation, everything above
 ``system/<Type>.read``      FHIR reads (SMART backend services), or ``system/*.read``
+``system/<Type>.write``     FHIR writes (Subscription), or ``system/*.write``
 ==========================  ==================================================
 """
 
@@ -46,7 +47,15 @@ ACK = "vitals.alerts.ack"
 PATIENT_READ = "vitals.patient.read"
 METRICS_READ = "vitals.metrics"
 INGEST = "vitals.ingest"
-ALL_SCOPES = (READ, ACK, PATIENT_READ, METRICS_READ, ADMIN, "system/*.read")
+ALL_SCOPES = (
+    READ,
+    ACK,
+    PATIENT_READ,
+    METRICS_READ,
+    ADMIN,
+    "system/*.read",
+    "system/*.write",
+)
 REVOCATION_REFRESH_SECONDS = 5.0
 
 _hasher = PasswordHash.recommended()
@@ -75,8 +84,9 @@ class Principal:
         """Tell whether this principal holds ``scope`` (admins hold every scope)."""
         if ADMIN in self.scopes or scope in self.scopes:
             return True
-        if scope.startswith("system/") and scope.endswith(".read"):
-            return "system/*.read" in self.scopes
+        if scope.startswith("system/"):
+            access = scope.rsplit(".", 1)[-1]
+            return f"system/*.{access}" in self.scopes
         return False
 
 

@@ -15,6 +15,17 @@ from api.auth import ADMIN, AuthError, Principal
 from api.security import RateLimitError, auditor, bearer, tokens
 
 OPEN_PATHS = frozenset({"/fhir/metadata"})
+_READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+def required_scope(resource_type: str, method: str, path: str = "") -> str:
+    """Name the scope a request on ``resource_type`` needs: ``.read`` or ``.write``."""
+    # The audit trail is for administrators, not for every FHIR reader.
+    if resource_type == "AuditEvent":
+        return ADMIN
+    reads = method in _READ_METHODS or path.endswith("/_search")
+    access = "read" if reads else "write"
+    return f"system/{resource_type}.{access}"
 
 
 async def fhir_guard(
@@ -29,10 +40,12 @@ async def fhir_guard(
         raise AuthError(401, "invalid_token", "bearer token required")
     principal = tokens(request).verify(credentials.credentials)
     resource_type = path.removeprefix("/fhir/").split("/", 1)[0] or "*"
-    # The audit trail is for administrators, not for every FHIR reader.
-    scope = ADMIN if resource_type == "AuditEvent" else f"system/{resource_type}.read"
-    if not principal.allows(scope):
-        raise AuthError(403, "insufficient_scope", f"requires scope {scope}")
+    # System-level operations ($export, ...) name no type in the path: their
+    # handlers check the scopes of the types they touch.
+    if not resource_type.startswith("$"):
+        scope = required_scope(resource_type, request.method, path)
+        if not principal.allows(scope):
+            raise AuthError(403, "insufficient_scope", f"requires scope {scope}")
     wait = request.app.state.limiter.delay(principal.subject)
     if wait:
         raise RateLimitError(wait)
