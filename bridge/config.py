@@ -149,6 +149,63 @@ class LimitSettings(BaseModel):
     burst: int = Field(default=200, ge=1, description="Requests a client may burst.")
 
 
+class ExportSettings(BaseModel):
+    """FHIR Bulk Data ``$export``: background jobs writing NDJSON files."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    directory: Path = Field(
+        default=Path("var/exports"),
+        description="Where export files are written, one sub-directory per job. "
+        "Several API replicas must share it (e.g. a shared volume): any replica "
+        "may answer a status or file request.",
+    )
+    max_resources_per_file: int = Field(
+        default=100_000,
+        ge=1,
+        description="Most resources in one NDJSON file; larger exports are split.",
+    )
+    page_size: int = Field(
+        default=2_000,
+        ge=1,
+        le=50_000,
+        description="Readings read from the database per page (bounds memory).",
+    )
+    retention_seconds: float = Field(
+        default=3_600.0,
+        gt=0,
+        description="How long a finished (or failed) job and its files are kept; "
+        "then both are deleted.",
+    )
+    max_jobs_per_client: int = Field(
+        default=2,
+        ge=1,
+        description="Queued or running jobs one client may have; more get 429.",
+    )
+    max_running_jobs: int = Field(
+        default=2,
+        ge=1,
+        description="Jobs one API process runs at once; the rest wait queued.",
+    )
+    retry_after_seconds: int = Field(
+        default=2,
+        ge=1,
+        description="Retry-After a status request answers while a job runs.",
+    )
+    stale_after_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="A queued or running job not touched for this long (its "
+        "process died or restarted) is marked failed.",
+    )
+    sweep_interval_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="How often each process touches its jobs, fails stale ones "
+        "and deletes expired ones.",
+    )
+
+
 class BridgeSettings(TomlEnvSettings):
     """Everything the bridge and the API read at start-up."""
 
@@ -167,6 +224,7 @@ class BridgeSettings(TomlEnvSettings):
     dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
     environment: Literal["demo", "production"] = Field(
         default="production",
         description="`demo` accepts the built-in demo secret; `production` refuses it.",

@@ -155,6 +155,18 @@ def _now() -> datetime:
 CAPABILITY_DATE = "2026-12-03"
 SOFTWARE_VERSION = "0.1.0"
 LASTN_DEFINITION = "http://hl7.org/fhir/OperationDefinition/Observation-lastn"
+EXPORT_DEFINITION = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"
+BULK_DATA_CAPABILITY = "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"
+_EXPORT_DOC = (
+    "Bulk Data $export (IG v2.0.0), system level only (no Patient or Group "
+    "export), of Observations as NDJSON files; see api/fhir/export.py. Needs "
+    "'Prefer: respond-async' and scope system/Observation.read. Parameters: _type "
+    "(Observation), _outputFormat (application/fhir+ndjson, application/ndjson, "
+    "ndjson), _since and _until (instants on meta.lastUpdated: _since < lastUpdated "
+    "<= _until), _typeFilter (one Observation search, e.g. Observation?date=ge2026-11 "
+    "for measurement times). Status and files need the token of the client that "
+    "started the export; jobs and files expire after a configured time."
+)
 _READ_SEARCH = [{"code": "read"}, {"code": "search-type"}]
 _RESULT_DOC = (
     "Read-only. Result parameters: _count (1-200, default 50), _sort (date, -date; "
@@ -185,6 +197,7 @@ def capability_statement(base: str) -> mapping.JsonDict:
         "date": CAPABILITY_DATE,
         "publisher": "kiosk-vitals",
         "kind": "instance",
+        "instantiates": [BULK_DATA_CAPABILITY],
         "software": {"name": "kiosk-vitals FHIR facade", "version": SOFTWARE_VERSION},
         "implementation": {
             "description": "Camera vital signs from clinic kiosks (read-only)",
@@ -196,6 +209,13 @@ def capability_statement(base: str) -> mapping.JsonDict:
             {
                 "mode": "server",
                 "documentation": _RESULT_DOC,
+                "operation": [
+                    {
+                        "name": "export",
+                        "definition": EXPORT_DEFINITION,
+                        "documentation": _EXPORT_DOC,
+                    }
+                ],
                 "resource": [
                     {
                         "type": "Observation",
@@ -487,7 +507,7 @@ def search_audit_events(request: Request) -> Response:
 
 # -- everything else -----------------------------------------------------------
 
-_KNOWN_PATHS = ("metadata", "Observation/_search", "Observation/$lastn")
+_KNOWN_PATHS = ("metadata", "Observation/_search", "Observation/$lastn", "$export")
 
 # Included after every other FHIR router (see api/fhir/__init__.py): it answers
 # whatever they do not.

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Text,
     UniqueConstraint,
     text,
 )
@@ -170,3 +171,24 @@ class RevokedToken(Base):
     jti: Mapped[str] = mapped_column(String(64), primary_key=True)
     revoked_at: Mapped[datetime] = mapped_column(Timestamp)
     expires_at: Mapped[datetime] = mapped_column(Timestamp, index=True)
+
+
+class ExportJob(Base):
+    """A FHIR Bulk Data ``$export`` job: who asked, for what, how far it got."""
+
+    __tablename__ = "export_jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)  # token subject
+    status: Mapped[str] = mapped_column(String(16))
+    request_url: Mapped[str] = mapped_column(Text)
+    parameters: Mapped[str] = mapped_column(Text)  # JSON, re-parsed by the worker
+    transaction_time: Mapped[datetime] = mapped_column(Timestamp)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    # Touched while queued or running: a job left untouched lost its process.
+    updated_at: Mapped[datetime] = mapped_column(Timestamp)
+    expires_at: Mapped[datetime | None] = mapped_column(Timestamp, index=True)
+    exported: Mapped[int] = mapped_column(BigInteger, default=0)
+    total: Mapped[int | None] = mapped_column(BigInteger)
+    output: Mapped[str | None] = mapped_column(Text)  # JSON list of files
+    error: Mapped[str | None] = mapped_column(String(500))

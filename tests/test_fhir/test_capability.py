@@ -7,6 +7,7 @@ from starlette.routing import Route
 from test_fhir.conftest import FhirEnv
 
 from api.fhir import router, search
+from api.fhir.routes import BULK_DATA_CAPABILITY, EXPORT_DEFINITION
 
 
 def test_capability_statement_matches_the_implementation(fhir: FhirEnv) -> None:
@@ -16,6 +17,10 @@ def test_capability_statement_matches_the_implementation(fhir: FhirEnv) -> None:
     assert "application/fhir+json" in cs["format"]
     [rest] = cs["rest"]
     assert "interaction" not in rest  # no system-wide history, transaction, ...
+    # Bulk Data: the system-level $export, as the IG's server statement asks.
+    assert BULK_DATA_CAPABILITY in cs["instantiates"]
+    operations = {op["name"]: op["definition"] for op in rest["operation"]}
+    assert operations["export"] == EXPORT_DEFINITION
     resources = {r["type"]: r for r in rest["resource"]}
     assert set(resources) == {"Observation", "Device", "Patient", "AuditEvent"}
     for name, r in resources.items():
@@ -47,6 +52,9 @@ def test_every_route_is_declared_and_every_declared_param_works(fhir: FhirEnv) -
         "/fhir/Patient",
         "/fhir/Patient/{resource_id}",
         "/fhir/AuditEvent",
+        "/fhir/$export",
+        "/fhir/$export-status/{job_id}",  # GET polls, DELETE cancels
+        "/fhir/$export-file/{job_id}/{name}",
         "/fhir/{path:path}",  # the OperationOutcome 404/405 for everything else
     }
     samples = {
