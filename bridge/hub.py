@@ -83,6 +83,11 @@ class Hub:
     def __len__(self) -> int:
         return len(self._clients)
 
+    @property
+    def idle(self) -> bool:
+        """Tell whether nobody would receive a published message."""
+        return not self._clients and not self._listeners
+
     def register(self) -> HubClient:
         """Add a client; it receives nothing until it subscribes."""
         client = HubClient(next(self._numbers), asyncio.Queue(self._queue_size))

@@ -1,11 +1,13 @@
 """MQTT ingest: validate, commit in batches, then acknowledge and confirm.
 
-The order inside one step is the delivery guarantee:
+Messages are validated as they arrive, while the previous batch commits, so the
+event loop parses during the database's round trip. The order inside one step is
+the delivery guarantee:
 
 1. messages are validated; bad ones become dead letters in the same batch;
 2. the batch is committed in one transaction (duplicates are skipped by key);
-3. new readings and status changes go to the live hub (or, when bridges share
-   ingest, to the live topic every bridge feeds its clients from);
+3. new readings and status changes go to the live hub (and, when bridges share
+   ingest, to the live topic the other bridges feed their clients from);
 4. only then is each message's PUBACK sent (paho manual acknowledgement);
 5. each kiosk in the batch gets one retained confirmation of its contiguous
    high-water mark, which lets its outbox release what is stored.
@@ -22,13 +24,15 @@ import json
 import logging
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bridge.alerts import AlertEvaluator, ChangeKind
 from bridge.config import BridgeSettings
@@ -48,6 +52,7 @@ from vitals_contract import (
     KioskStatus,
     Leaf,
     Metric,
+    ParsedTopic,
     ScanEvent,
     alert_topic,
     kiosk_filter,
@@ -86,9 +91,25 @@ class Delivery:
     generation: int  # which connection delivered it; mids restart per connection
 
 
+@dataclass(slots=True)
+class Pending:
+    """The batch being filled while the previous one commits."""
+
+    batch: Batch = field(default_factory=Batch)
+    deliveries: list[Delivery] = field(default_factory=list)
+    leaves: Counter[str] = field(default_factory=Counter)
+    first_at: float = 0.0  # monotonic arrival of its first message
+
+
 def add_to_batch(batch: Batch, topic: str, payload: bytes, root: str) -> None:
     """Validate one message into ``batch``; anything invalid becomes a dead letter."""
-    parsed = parse_kiosk_topic(topic, root)
+    add_parsed(batch, parse_kiosk_topic(topic, root), topic, payload)
+
+
+def add_parsed(
+    batch: Batch, parsed: ParsedTopic | None, topic: str, payload: bytes
+) -> None:
+    """Like :func:`add_to_batch`, for a topic the caller has already split."""
     if parsed is not None and parsed.leaf not in SUBSCRIBED_LEAVES:
         # amqtt now and then hands a subscriber retained messages of other leaves
         # (our own confirmations); they are not data and not an error.
@@ -143,7 +164,13 @@ class Ingest:
         self._alert_store = alert_store
         # Unbounded here, bounded in fact: with manual acknowledgement the broker
         # stops sending QoS 1 messages once its in-flight window is unacknowledged.
-        self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
+        # paho's thread appends; the event loop is woken once per burst, not once
+        # per message.
+        self._arrivals: deque[Delivery] = deque()
+        self._wake_pending = False
+        self._pending = Pending()
+        self._batch_ready = asyncio.Event()
+        self._batch_full = asyncio.Event()
         self._client: mqtt.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -247,11 +274,21 @@ class Ingest:
         self._backoff.arm(client)
         root = self._settings.mqtt.root_topic
         filters = [kiosk_filter(leaf, root) for leaf in SUBSCRIBED_LEAVES]
-        if self._shared:
+        if self._shared:  # MQTT 5 only
             group = self._settings.ingest.shared_group
-            filters = [f"$share/{group}/{f}" for f in filters]
-            filters.append(f"{root}/{LIVE_LEVEL}/+")
-        client.subscribe([(f, 1) for f in filters])
+            # Other bridges' commits; our own we hand to our clients directly.
+            live = (f"{root}/{LIVE_LEVEL}/+", SubscribeOptions(qos=1, noLocal=True))
+            client.subscribe(
+                [
+                    live,
+                    *(
+                        (f"$share/{group}/{f}", SubscribeOptions(qos=1))
+                        for f in filters
+                    ),
+                ]
+            )
+        else:
+            client.subscribe([(f, 1) for f in filters])
         log.info(
             "connected to broker %s:%d, subscribed",
             self._settings.mqtt.host,
@@ -285,15 +322,21 @@ class Ingest:
             if msg.qos:
                 client.ack(msg.mid, msg.qos)
             return
-        delivery = Delivery(
-            msg.topic,
-            bytes(msg.payload),
-            msg.mid,
-            msg.qos,
-            time.monotonic(),
-            self._generation,
+        self._arrivals.append(
+            Delivery(
+                msg.topic,
+                bytes(msg.payload),
+                msg.mid,
+                msg.qos,
+                time.monotonic(),
+                self._generation,
+            )
         )
-        self._call_soon(self._inbox.put_nowait, delivery)
+        # Appended before the flag is read: if the loop has not reset the flag
+        # yet, its drain that follows sees this message.
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._call_soon(self._drain)
 
     def _call_soon(self, fn: object, *args: object) -> None:
         assert self._loop is not None
@@ -303,17 +346,50 @@ class Ingest:
 
     # -- batcher (event loop) -------------------------------------------------
 
+    def _drain(self) -> None:
+        """Validate what paho handed over into the pending batch, up to its bound."""
+        self._wake_pending = False
+        pending = self._pending
+        limit = self._settings.ingest.batch_max_messages
+        root = self._settings.mqtt.root_topic
+        arrivals = self._arrivals
+        while arrivals and len(pending.deliveries) < limit:
+            d = arrivals.popleft()
+            if not pending.deliveries:
+                pending.first_at = d.received_monotonic
+            pending.deliveries.append(d)
+            parsed = parse_kiosk_topic(d.topic, root)
+            pending.leaves[parsed.leaf.value if parsed else "other"] += 1
+            if parsed is not None and self._over_rate(parsed.kiosk_id):
+                continue
+            add_parsed(pending.batch, parsed, d.topic, d.payload)
+        if pending.deliveries:
+            self._batch_ready.set()
+            if len(pending.deliveries) >= limit:
+                self._batch_full.set()
+
+    async def _next_batch(self) -> Pending:
+        """Wait for a first message, then until the batch is full or old enough."""
+        await self._batch_ready.wait()
+        if not self._batch_full.is_set():
+            wait = self._settings.ingest.batch_max_wait_ms / 1000
+            remaining = self._pending.first_at + wait - time.monotonic()
+            if remaining > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._batch_full.wait(), remaining)
+        pending, self._pending = self._pending, Pending()
+        self._batch_ready.clear()
+        self._batch_full.clear()
+        # Whatever the size bound left behind starts the next batch.
+        self._drain()
+        return pending
+
     async def _batcher(self) -> None:
         while True:
-            deliveries = await self._collect()
-            batch = Batch()
-            root = self._settings.mqtt.root_topic
-            for d in deliveries:
-                leaf = d.topic.rsplit("/", 1)[-1]
-                self._metrics.messages.labels(leaf).inc()
-                if self._over_rate(d.topic):
-                    continue
-                add_to_batch(batch, d.topic, d.payload, root)
+            pending = await self._next_batch()
+            deliveries, batch = pending.deliveries, pending.batch
+            for leaf, count in pending.leaves.items():
+                self._metrics.messages.labels(leaf).inc(count)
             result = await self._commit(batch)
             # Live data goes out before the confirmation, on the same connection:
             # a bridge killed in between has not confirmed, so the kiosk resends,
@@ -338,39 +414,17 @@ class Ingest:
             await self._alert_step(result.new_readings)
         return result
 
-    def _over_rate(self, topic: str) -> bool:
-        """Tell whether the kiosk behind ``topic`` is over its message rate.
+    def _over_rate(self, kiosk_id: str) -> bool:
+        """Tell whether ``kiosk_id`` is over its message rate.
 
         Such a message is acknowledged but neither stored nor confirmed, so the
         kiosk's outbox sends it again later: a flood is slowed down, nothing is lost.
         """
-        parsed = parse_kiosk_topic(topic, self._settings.mqtt.root_topic)
-        if parsed is None or self._kiosk_limiter.delay(parsed.kiosk_id) == 0.0:
+        if self._kiosk_limiter.delay(kiosk_id) == 0.0:
             return False
         self._metrics.rate_limited.inc()
-        log.debug("kiosk %s over its ingest rate; message deferred", parsed.kiosk_id)
+        log.debug("kiosk %s over its ingest rate; message deferred", kiosk_id)
         return True
-
-    async def _collect(self) -> list[Delivery]:
-        """Wait for one message, then take more until the size or time bound."""
-        cfg = self._settings.ingest
-        first = await self._inbox.get()
-        deliveries = [first]
-        deadline = time.monotonic() + cfg.batch_max_wait_ms / 1000
-        while len(deliveries) < cfg.batch_max_messages:
-            try:
-                deliveries.append(self._inbox.get_nowait())
-                continue
-            except asyncio.QueueEmpty:
-                pass
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                deliveries.append(await asyncio.wait_for(self._inbox.get(), remaining))
-            except TimeoutError:
-                break
-        return deliveries
 
     async def _commit(self, batch: Batch) -> BatchResult:
         """Commit ``batch``, retrying with back-off until the database takes it."""
@@ -496,6 +550,12 @@ class Ingest:
             )
 
     def _publish_live(self, batch: Batch, result: BatchResult) -> None:
+        if self._shared and (result.new_readings or result.redelivered):
+            # Alerts see every bridge's readings in one stream (others' arrive
+            # on the live topic).
+            self._live_readings.put_nowait([*result.new_readings, *result.redelivered])
+        if not self._shared and self._hub.idle:
+            return  # nobody to tell: skip rendering the messages
         messages: list[dict[str, Any]] = [
             {"type": "reading", **r.to_json()}
             for r in (*result.new_readings, *result.redelivered)
@@ -515,13 +575,14 @@ class Ingest:
         """Send live messages to this bridge's clients, or to every bridge's.
 
         With a shared subscription each bridge ingests a share of the traffic, so
-        committed data goes out on the live topic that every bridge subscribes to,
-        and each feeds its own WebSocket clients from there.
+        committed data also goes out on the live topic that every other bridge
+        subscribes to (with No Local: a bridge does not hear its own), and each
+        feeds its own WebSocket clients from there.
         """
         if not messages:
             return
+        self._hub.publish_messages(messages)
         if not self._shared or self._client is None:
-            self._hub.publish_messages(messages)
             return
         root = self._settings.mqtt.root_topic
         by_kiosk: dict[str, list[dict[str, Any]]] = {}
@@ -532,7 +593,7 @@ class Ingest:
             self._client.publish(f"{root}/{LIVE_LEVEL}/{kiosk_id}", payload, qos=1)
 
     def _on_live(self, payload: bytes) -> None:
-        """Feed this bridge's clients from another (or this) bridge's commit."""
+        """Feed this bridge's clients from another bridge's commit."""
         try:
             messages = json.loads(payload)
         except ValueError:

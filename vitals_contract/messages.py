@@ -356,6 +356,15 @@ def split_readings(payload: bytes | bytearray, kiosk_id: str) -> SplitReadings:
         raise ContractError(
             f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}"
         )
+    # The common case first: a wholly valid message, validated in one pass.
+    try:
+        message = ReadingsMessage.model_validate_json(payload)
+    except ValidationError:
+        pass  # find out item by item what is wrong, and keep what is right
+    else:
+        if message.kiosk_id != kiosk_id:
+            raise ContractError("kiosk_id in payload does not match the topic")
+        return SplitReadings(kiosk_id, message.floor, list(message.readings), [])
     try:
         envelope = _ReadingsEnvelope.model_validate_json(payload)
     except ValidationError as exc:
