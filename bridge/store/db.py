@@ -362,8 +362,7 @@ class Store:
             keys = [tuple(row) for row in conn.execute(stmt, rows)]
         sent = {(k, r.seq): r for k, r in readings}
         stored = []
-        keys.sort(key=itemgetter(0))
-        for row_id, kiosk_id, seq in keys:
+        for row_id, kiosk_id, seq in sorted(keys, key=itemgetter(0)):
             r = sent[kiosk_id, seq]
             stored.append(
                 StoredReading(
