@@ -11,7 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from api import errors, live, oauth, rest, stream, uploads
+from api import errors, live, oauth, rest, scans, stream, uploads
 from api.auth import TokenService
 from api.fhir import router as fhir_router
 from api.fhir_guard import fhir_guard
@@ -60,6 +60,7 @@ def create_app(settings: BridgeSettings) -> FastAPI:
 
     app.include_router(oauth.router)
     app.include_router(rest.router)
+    app.include_router(scans.router)
     app.include_router(uploads.router)
     app.include_router(live.router)
     app.include_router(stream.router)

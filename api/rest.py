@@ -1,22 +1,35 @@
-"""REST endpoints: health, readiness, metrics, kiosks and readings history."""
+"""REST endpoints: health, readiness, metrics, kiosks and readings history.
+
+The GET resources answer with an ``ETag`` and honour ``If-None-Match``
+(:mod:`api.etag`).
+"""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import AwareDatetime, BaseModel
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from api.auth import ACK, ADMIN, METRICS_READ, READ, Principal
+from api.auth import ACK, ADMIN, METRICS_READ, PATIENT_READ, READ, Principal
 from api.deps import BridgeDep
+from api.etag import NOT_MODIFIED, conditional_json
 from api.security import auditor, require
 from bridge.errors import StoreError
-from vitals_contract import Metric, is_valid_kiosk_id
+from bridge.store.db import StoredReading, utc
+from bridge.store.reads import Reads
+from vitals_contract import Metric, ScanState, is_valid_kiosk_id
 
 router = APIRouter()
 
 MAX_PAGE = 1000
+# The kiosk detail counts readings and dead letters of this recent window.
+COUNT_WINDOW = timedelta(hours=24)
+# The status looks for each metric's latest value this far before the newest one.
+LATEST_LOOKBACK = timedelta(hours=24)
+ACTIVE_SCAN_STATES = frozenset({ScanState.FACE_PRESENT, ScanState.SCANNING})
 
 
 class ReadingsPage(BaseModel):
@@ -27,9 +40,81 @@ class ReadingsPage(BaseModel):
     whether more readings were already waiting.
     """
 
+    model_config = ConfigDict(extra="forbid")
+
     items: list[dict[str, Any]]
     next_cursor: str | None
     has_more: bool
+
+
+# The models below document the kiosk answers in OpenAPI; the tests check every
+# answer against them, so the two cannot drift apart.
+
+
+class LastReading(BaseModel):
+    """Where and when a kiosk's newest reading is (not its value)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: int
+    seq: int
+    metric: Metric
+    measured_at: AwareDatetime
+    received_at: AwareDatetime
+
+
+class KioskCounts(BaseModel):
+    """Counts of a kiosk's recent activity."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    window_hours: float
+    readings_in_window: int
+    dead_letters_in_window: int
+    scans_by_state: dict[str, int]
+    scans_total: int
+    open_alerts: int
+
+
+class KioskDetail(BaseModel):
+    """A kiosk as the ``kiosks`` table holds it, plus counts for operators."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kiosk_id: str
+    state: str = Field(description="online, offline, or unknown before any status")
+    agent_version: str | None
+    committed_through: int = Field(description="Highest seq delivered without gaps.")
+    status_at: AwareDatetime | None
+    last_seen_at: AwareDatetime | None
+    last_reading: LastReading | None
+    counts: KioskCounts
+
+
+class KioskLiveStatus(BaseModel):
+    """A kiosk's live status: freshness, current or last scan, latest values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kiosk_id: str
+    state: str
+    agent_version: str | None
+    committed_through: int
+    status_at: AwareDatetime | None
+    last_seen_at: AwareDatetime | None
+    online: bool = Field(description="The kiosk's last status said online.")
+    stale: bool = Field(description="No value newer than stale_seconds.")
+    stale_seconds: float
+    fresh_until: AwareDatetime | None = Field(
+        description="When the newest value turns stale."
+    )
+    scan: dict[str, Any] | None = Field(
+        description="The latest scan with ``active``; patient_ref needs the scope."
+    )
+    latest: list[dict[str, Any]] = Field(
+        description="The latest reading of each metric, with its own ``stale``."
+    )
+    open_alerts: list[dict[str, Any]]
 
 
 @router.get("/health", tags=["operations"])
@@ -76,16 +161,165 @@ def dashboard_config(bridge: BridgeDep, _p: ReadDep) -> dict[str, Any]:
     return {"stale_seconds": bridge.settings.dashboard.stale_seconds}
 
 
-@router.get("/api/v1/kiosks", tags=["kiosks"])
-def list_kiosks(bridge: BridgeDep, _p: ReadDep) -> list[dict[str, Any]]:
+@router.get(
+    "/api/v1/kiosks",
+    tags=["kiosks"],
+    response_model=list[dict[str, Any]],
+    responses=NOT_MODIFIED,
+)
+def list_kiosks(request: Request, bridge: BridgeDep, _p: ReadDep) -> Response:
     """List known kiosks with their state and delivery mark."""
     try:
-        return bridge.store.kiosks()
+        return conditional_json(request, bridge.store.kiosks())
     except StoreError as exc:
         raise HTTPException(503, "database unavailable") from exc
 
 
-@router.get("/api/v1/readings", tags=["readings"])
+def reads(bridge: BridgeDep) -> Reads:
+    """Return the read queries of the bridge's store."""
+    return Reads(bridge.store.engine)
+
+
+ReadsDep = Annotated[Reads, Depends(reads)]
+
+
+def known_kiosk(kiosk_id: str) -> str:
+    """Admit a path's kiosk id; a malformed one names no kiosk (404)."""
+    if not is_valid_kiosk_id(kiosk_id):
+        raise HTTPException(404, "no such kiosk")
+    return kiosk_id
+
+
+KioskIdDep = Annotated[str, Depends(known_kiosk)]
+
+
+def audit_read(
+    request: Request, principal: Principal, resource: str, *, with_patient: bool
+) -> None:
+    """Record a read of patient-linked data, noting whether patient refs were shown."""
+    detail = "patient refs shown" if with_patient else None
+    auditor(request).record(principal.subject, "read", resource[:256], detail=detail)
+
+
+@router.get(
+    "/api/v1/kiosks/{kiosk_id}",
+    tags=["kiosks"],
+    response_model=KioskDetail,
+    responses=NOT_MODIFIED,
+)
+def read_kiosk(
+    request: Request,
+    _p: ReadDep,
+    bridge: BridgeDep,
+    store: ReadsDep,
+    kiosk_id: KioskIdDep,
+) -> Response:
+    """Describe one kiosk: state, delivery mark and counts of its recent activity."""
+    now = datetime.now(UTC)
+    try:
+        kiosk = store.kiosk(kiosk_id)
+        if kiosk is None:
+            raise HTTPException(404, "no such kiosk")
+        counts = store.kiosk_counts(kiosk_id, since=now - COUNT_WINDOW)
+        open_alerts = bridge.alert_store.list(
+            open_only=True, kiosk_id=kiosk_id, limit=len(Metric)
+        )
+    except StoreError as exc:
+        raise HTTPException(503, "database unavailable") from exc
+    last = counts.last_reading
+    body = kiosk.to_json() | {
+        # Where and when, not what: values are patient-linked (see /status).
+        "last_reading": None
+        if last is None
+        else {
+            "id": last.id,
+            "seq": last.seq,
+            "metric": last.metric,
+            "measured_at": last.measured_at.isoformat(),
+            "received_at": last.received_at.isoformat(),
+        },
+        "counts": {
+            "window_hours": COUNT_WINDOW.total_seconds() / 3600,
+            "readings_in_window": counts.readings_recent,
+            "dead_letters_in_window": counts.dead_letters_recent,
+            "scans_by_state": counts.scans_by_state,
+            "scans_total": sum(counts.scans_by_state.values()),
+            "open_alerts": len(open_alerts),
+        },
+    }
+    return conditional_json(request, body)
+
+
+@router.get(
+    "/api/v1/kiosks/{kiosk_id}/status",
+    tags=["kiosks"],
+    response_model=KioskLiveStatus,
+    responses=NOT_MODIFIED,
+)
+def kiosk_status(
+    request: Request,
+    principal: ReadDep,
+    bridge: BridgeDep,
+    store: ReadsDep,
+    kiosk_id: KioskIdDep,
+) -> Response:
+    """Tell a kiosk's live status: state, freshness, scan, latest values, alerts.
+
+    ``stale`` follows the dashboard: true when the newest value is older than
+    ``dashboard.stale_seconds`` (or there is none); ``fresh_until`` says when the
+    newest value turns stale.
+    """
+    now = datetime.now(UTC)
+    try:
+        kiosk = store.kiosk(kiosk_id)
+        if kiosk is None:
+            raise HTTPException(404, "no such kiosk")
+        latest = store.latest_readings(kiosk_id, LATEST_LOOKBACK)
+        scan = store.latest_scan(kiosk_id)
+        alerts = bridge.alert_store.list(
+            open_only=True, kiosk_id=kiosk_id, limit=len(Metric)
+        )
+    except StoreError as exc:
+        raise HTTPException(503, "database unavailable") from exc
+    with_patient = principal.allows(PATIENT_READ)
+    audit_read(
+        request, principal, f"kiosk:{kiosk_id}/status", with_patient=with_patient
+    )
+
+    window = timedelta(seconds=bridge.settings.dashboard.stale_seconds)
+    newest = max((_fresh_at(r) for r in latest), default=None)
+    fresh_until = None if newest is None else newest + window
+    current = None
+    if scan is not None:
+        current = scan.to_json(with_patient=with_patient) | {
+            "active": scan.state in ACTIVE_SCAN_STATES
+        }
+    body = kiosk.to_json() | {
+        "online": kiosk.state == "online",
+        "stale": fresh_until is None or now > fresh_until,
+        "stale_seconds": window.total_seconds(),
+        "fresh_until": None if fresh_until is None else fresh_until.isoformat(),
+        "scan": current,
+        "latest": [
+            r.to_json() | {"stale": now > _fresh_at(r) + window} for r in latest
+        ],
+        "open_alerts": [a.to_json() for a in alerts],
+    }
+    return conditional_json(request, body)
+
+
+def _fresh_at(reading: StoredReading) -> datetime:
+    # As the dashboard does: a value is as fresh as its measurement, but a kiosk
+    # clock running ahead cannot make it fresher than its arrival.
+    return min(reading.measured_at, reading.received_at)
+
+
+@router.get(
+    "/api/v1/readings",
+    tags=["readings"],
+    response_model=ReadingsPage,
+    responses=NOT_MODIFIED,
+)
 def list_readings(
     request: Request,
     bridge: BridgeDep,
@@ -104,7 +338,7 @@ def list_readings(
         str | None, Query(pattern=r"^\d{1,19}$", description="next_cursor of a page")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-) -> ReadingsPage:
+) -> Response:
     """Return readings in store order, filtered, one page at a time."""
     for k in kiosk_id or ():
         if not is_valid_kiosk_id(k):
@@ -113,8 +347,9 @@ def list_readings(
         rows = bridge.store.readings(
             kiosk_ids=kiosk_id,
             metrics=[m.value for m in metric] if metric else None,
-            since=since,
-            until=until,
+            # SQLite compares wall-clock text: bounds must be UTC like the rows.
+            since=utc(since) if since else None,
+            until=utc(until) if until else None,
             after_id=int(cursor) if cursor else None,
             limit=limit + 1,  # one more tells whether more are waiting
         )
@@ -126,9 +361,12 @@ def list_readings(
     has_more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = str(rows[-1].id) if rows else None
-    return ReadingsPage(
-        items=[r.to_json() for r in rows], next_cursor=next_cursor, has_more=has_more
-    )
+    page = {
+        "items": [r.to_json() for r in rows],
+        "next_cursor": next_cursor,
+        "has_more": has_more,
+    }
+    return conditional_json(request, page)
 
 
 @router.get("/api/v1/alerts", tags=["alerts"])

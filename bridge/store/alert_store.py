@@ -195,11 +195,15 @@ class AlertStore:
             raise StoreError(f"acknowledge failed: {type(exc).__name__}") from exc
         return None if row is None else _record(row)
 
-    def list(self, *, open_only: bool = False, limit: int = 100) -> list[AlertRecord]:
-        """Return alerts, newest first."""
+    def list(
+        self, *, open_only: bool = False, kiosk_id: str | None = None, limit: int = 100
+    ) -> list[AlertRecord]:
+        """Return alerts, newest first, of one kiosk or of all."""
         query = select(Alert).order_by(Alert.id.desc()).limit(limit)
         if open_only:
             query = query.where(Alert.cleared_at.is_(None))
+        if kiosk_id is not None:
+            query = query.where(Alert.kiosk_id == kiosk_id)
         try:
             with self.engine.connect() as conn:
                 return [_record(row) for row in conn.execute(query)]
