@@ -14,6 +14,8 @@ from fastapi.staticfiles import StaticFiles
 from api import errors, live, oauth, rest, scans, stream, uploads
 from api.auth import TokenService
 from api.fhir import router as fhir_router
+from api.fhir.relay import FhirRelay
+from api.fhir.relay import admin_router as relay_admin_router
 from api.fhir_guard import fhir_guard
 from api.security import Auditor
 from bridge.config import BridgeSettings
@@ -26,13 +28,22 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 def create_app(settings: BridgeSettings) -> FastAPI:
     """Build the app; the bridge starts and stops with it."""
     service = BridgeService(settings)
+    relay = (
+        FhirRelay(settings.relay, service.store.engine, service.metrics.registry)
+        if settings.relay.enabled
+        else None
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        if relay is not None:
+            await relay.start()
         try:
             yield
         finally:
+            if relay is not None:
+                await relay.stop()
             await service.stop()
             auditor.flush()
 
@@ -43,6 +54,7 @@ def create_app(settings: BridgeSettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.bridge = service
+    app.state.relay = relay
     app.state.tokens = TokenService(settings.auth, service.store.engine)
     app.state.auditor = auditor = Auditor(service.store.engine)
     app.state.limiter = RateLimiter(
@@ -64,6 +76,7 @@ def create_app(settings: BridgeSettings) -> FastAPI:
     app.include_router(uploads.router)
     app.include_router(live.router)
     app.include_router(stream.router)
+    app.include_router(relay_admin_router)
     app.include_router(fhir_router, dependencies=[Depends(fhir_guard)])
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -6,7 +6,14 @@ import socket
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    model_validator,
+)
 from pydantic_settings import SettingsConfigDict
 
 from vitals_contract.settings import MqttSettings, TomlEnvSettings
@@ -206,6 +213,119 @@ class ExportSettings(BaseModel):
     )
 
 
+class RelaySettings(BaseModel):
+    """Outbound FHIR relay: completed scans pushed to an external FHIR R4 server."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(
+        default=False,
+        description="Push every completed scan to `base_url` as a transaction Bundle.",
+    )
+    base_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://\S+$",
+        description="FHIR base of the receiving server (the transaction is POSTed "
+        "there), e.g. https://ehr.example/fhir; required when enabled.",
+    )
+    bearer_token: SecretStr | None = Field(
+        default=None,
+        description="Static bearer token for the receiving server; unset sends none "
+        "(or uses the client-credentials grant below). Never logged.",
+    )
+    token_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://\S+$",
+        description="OAuth2 token endpoint for the client-credentials grant; set it "
+        "with client_id and client_secret instead of bearer_token.",
+    )
+    client_id: str | None = Field(
+        default=None, description="OAuth2 client id of the client-credentials grant."
+    )
+    client_secret: SecretStr | None = Field(
+        default=None,
+        description="OAuth2 client secret (sent as HTTP Basic); never logged.",
+    )
+    scope: str | None = Field(
+        default=None,
+        description="Scope requested with the grant, e.g. `system/Observation.write "
+        "system/Device.write`; unset requests none.",
+    )
+    ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle (PEM) that signs the server's certificate; unset uses "
+        "the system's trust store.",
+    )
+    connect_timeout_seconds: float = Field(
+        default=5.0, gt=0, le=300, description="Longest wait to open a connection."
+    )
+    request_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="Longest wait for one whole request (token or transaction); "
+        "past it the attempt counts as failed and is retried.",
+    )
+    backoff_initial_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="Delay before the first retry; it doubles with each failed "
+        "attempt, randomised to 50-100 % of its value (jitter).",
+    )
+    backoff_max_seconds: float = Field(
+        default=600.0, gt=0, description="Cap of the retry delay."
+    )
+    max_attempts: int | None = Field(
+        default=None,
+        ge=1,
+        description="Attempts after which a transient failure becomes permanent; "
+        "unset retries for ever (at most every backoff_max_seconds).",
+    )
+    batch_size: int = Field(
+        default=10,
+        ge=1,
+        le=500,
+        description="Scans one worker claims per poll and sends concurrently.",
+    )
+    poll_interval_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        le=3_600,
+        description="How often a worker looks for newly completed scans and due "
+        "retries when it is idle.",
+    )
+    settle_timeout_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="How long a completed scan waits for its kiosk's earlier "
+        "messages (its final readings) to be stored; after that it is sent with "
+        "what has arrived.",
+    )
+    since: AwareDatetime | None = Field(
+        default=None,
+        description="Relay only scans completed at or after this instant (kiosk "
+        "clock); unset relays every completed scan still stored.",
+    )
+    patient_identifier_system: str | None = Field(
+        default=None,
+        description="Identifier system under which the receiving server knows the "
+        "scan's patient_ref (Observation.subject is the conditional reference "
+        "Patient?identifier=<system>|<patient_ref>); unset uses "
+        "urn:kiosk-vitals:patient-ref.",
+    )
+
+    @model_validator(mode="after")
+    def _check_complete(self) -> Self:
+        if self.enabled and self.base_url is None:
+            raise ValueError("relay.enabled needs relay.base_url")
+        if self.token_url is not None:
+            if self.client_id is None or self.client_secret is None:
+                raise ValueError("relay.token_url needs client_id and client_secret")
+            if self.bearer_token is not None:
+                raise ValueError("set relay.bearer_token or relay.token_url, not both")
+        return self
+
+
 class BridgeSettings(TomlEnvSettings):
     """Everything the bridge and the API read at start-up."""
 
@@ -224,6 +344,7 @@ class BridgeSettings(TomlEnvSettings):
     dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    relay: RelaySettings = Field(default_factory=RelaySettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
     environment: Literal["demo", "production"] = Field(
         default="production",

@@ -192,3 +192,35 @@ class ExportJob(Base):
     total: Mapped[int | None] = mapped_column(BigInteger)
     output: Mapped[str | None] = mapped_column(Text)  # JSON list of files
     error: Mapped[str | None] = mapped_column(String(500))
+
+
+class FhirRelayEntry(Base):
+    """A completed scan to push to the external FHIR server, with its delivery state.
+
+    ``state`` is ``pending``, ``delivered``, ``failed`` (permanent, until an admin
+    retries it) or ``skipped`` (no final readings to send). A worker owns a pending
+    entry while ``lease_until`` lies ahead; ``event_id`` is the ``scan_events.id``
+    of the completion, the relay's watermark.
+    """
+
+    __tablename__ = "fhir_relay"
+    __table_args__ = (
+        UniqueConstraint("kiosk_id", "scan_id", name="uq_fhir_relay_scan"),
+        Index("ix_fhir_relay_due", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    kiosk_id: Mapped[str] = mapped_column(String(64))
+    scan_id: Mapped[str] = mapped_column(String(64))
+    event_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    event_seq: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    next_attempt_at: Mapped[datetime] = mapped_column(Timestamp)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    observations: Mapped[int | None] = mapped_column(Integer)
+    delivered_at: Mapped[datetime | None] = mapped_column(Timestamp)
