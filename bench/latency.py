@@ -24,6 +24,7 @@ from typing import Any, Final
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import _common as c
+from bridge.config import IngestSettings
 
 MESSAGES_PER_SECOND: Final = 200
 KIOSKS: Final = 10
@@ -93,7 +94,8 @@ def run_one(
     return {
         "broker": brk.name,
         "database": db_kind,
-        "batch_wait_ms": wait_ms or "default (20)",
+        "batch_wait_ms": wait_ms
+        or f"default ({IngestSettings.model_fields['batch_max_wait_ms'].default:g})",
         "readings_expected": expected,
         "readings_received": out["received"],
         "samples": len(lat),

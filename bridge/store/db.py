@@ -21,6 +21,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     select,
     tuple_,
     union,
@@ -436,11 +437,24 @@ class Store:
             "reason": e.reason,
         }
         stmt = self._insert(Scan).values(values)
-        changes = {"state": e.state.value, "updated_at": e.at, "reason": e.reason}
+        # Events can arrive out of order (a replay after an outage): an older
+        # event never overwrites what a newer one set, but may fill in a patient.
+        newer = Scan.updated_at <= e.at
+
+        def if_newer(column: Any, value: Any) -> Any:
+            return case((newer, value), else_=column)
+
+        changes: dict[str, Any] = {
+            "state": if_newer(Scan.state, e.state.value),
+            "updated_at": if_newer(Scan.updated_at, e.at),
+            "reason": if_newer(Scan.reason, e.reason),
+        }
         if e.patient_ref is not None:
-            changes["patient_ref"] = e.patient_ref
+            changes["patient_ref"] = if_newer(
+                func.coalesce(Scan.patient_ref, e.patient_ref), e.patient_ref
+            )
         if e.state is ScanState.SCANNING:
-            changes["started_at"] = e.at
+            changes["started_at"] = e.at  # when the scan began, however late
         conn.execute(
             stmt.on_conflict_do_update(
                 index_elements=["kiosk_id", "scan_id"], set_=changes

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import func, select
 
 from bridge.store import Batch, DeadLetterIn, Store
+from bridge.store.db import utc
 from bridge.store.migrate import upgrade
 from bridge.store.models import DeadLetter, Kiosk, Scan
 from vitals_contract import METRICS, Metric, Reading, ScanEvent, ScanState
@@ -133,6 +134,30 @@ def test_scan_events_build_the_scan_record(store: Store) -> None:
         kiosk = conn.execute(select(Kiosk)).one()
     assert (scan.state, scan.patient_ref) == ("complete", "p-1")
     assert kiosk.committed_through == 2
+
+
+def test_a_late_older_scan_event_does_not_undo_a_newer_one(store: Store) -> None:
+    def event(seq: int, state: ScanState, patient: str | None = None) -> ScanEvent:
+        return ScanEvent(
+            kiosk_id="k1",
+            seq=seq,
+            scan_id="s1",
+            state=state,
+            at=T0 + timedelta(seconds=seq),
+            patient_ref=patient,
+        )
+
+    store.write_batch(
+        Batch(events=[event(0, ScanState.FACE_PRESENT), event(2, ScanState.COMPLETE)])
+    )
+    # The scanning event and the patient binding arrive last (a replay).
+    store.write_batch(Batch(events=[event(1, ScanState.SCANNING, "p-7")]))
+    with store.engine.connect() as conn:
+        scan = conn.execute(select(Scan)).one()
+    assert scan.state == "complete"
+    assert utc(scan.updated_at) == T0 + timedelta(seconds=2)
+    assert utc(scan.started_at) == T0 + timedelta(seconds=1)
+    assert scan.patient_ref == "p-7"  # filled in, as nothing newer set one
 
 
 def test_queries_filter_and_page(store: Store) -> None:
