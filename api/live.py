@@ -111,7 +111,7 @@ async def live_socket(ws: WebSocket, bridge: BridgeDep) -> None:
     client = bridge.hub.register()
     try:
         # Subscribe first so nothing committed during the replay is missed.
-        client.subscription = request.subscription()
+        bridge.hub.subscribe(client, request.subscription())
         await ws.send_json(
             {"type": "subscribed", "expires_at": session.principal.expires_at}
         )
@@ -182,30 +182,35 @@ async def _stream(ws: WebSocket, client: HubClient, session: _Session) -> None:
     dropped = asyncio.create_task(client.dropped.wait(), name=f"{name}drop")
     receiver = asyncio.create_task(_incoming(ws, session), name=f"{name}recv")
     watch = asyncio.create_task(_watch_token(ws, session), name=f"{name}auth")
+    # One sender awaits the queue directly; the watchers end it. (A task per
+    # message to wait on all four at once cost more than the send itself.)
+    sender = asyncio.create_task(_send_queued(ws, client), name=f"{name}send")
+    tasks = {sender, dropped, receiver, watch}
     try:
-        while True:
-            getter = asyncio.create_task(client.queue.get())
-            done, _ = await asyncio.wait(
-                {getter, dropped, receiver, watch}, return_when=asyncio.FIRST_COMPLETED
-            )
-            if getter not in done:
-                getter.cancel()
-                if dropped in done:
-                    await ws.close(CLOSE_SLOW_CONSUMER, "client too slow")
-                elif watch in done or receiver in done:
-                    reason = (watch if watch in done else receiver).result()
-                    if reason:
-                        await ws.close(CLOSE_UNAUTHORIZED, reason)
-                return
-            item = getter.result()
-            if already_replayed(client, item.message):
-                continue
-            await ws.send_text(item.text)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if sender in done:
+            sender.result()  # a send failed: the client has gone
+        elif dropped in done:
+            sender.cancel()
+            await ws.close(CLOSE_SLOW_CONSUMER, "client too slow")
+        else:
+            sender.cancel()
+            reason = (watch if watch in done else receiver).result()
+            if reason:
+                await ws.close(CLOSE_UNAUTHORIZED, reason)
     finally:
-        for task in (dropped, receiver, watch):
+        for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
                 await task
+
+
+async def _send_queued(ws: WebSocket, client: HubClient) -> None:
+    """Forward the client's queue to its socket, forever."""
+    while True:
+        item = await client.queue.get()
+        if not already_replayed(client, item.message):
+            await ws.send_text(item.text)
 
 
 async def _incoming(ws: WebSocket, session: _Session) -> str | None:

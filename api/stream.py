@@ -75,7 +75,7 @@ async def _events(
     principal: Principal,
 ) -> AsyncIterator[str]:
     client = bridge.hub.register()
-    client.subscription = subscription
+    bridge.hub.subscribe(client, subscription)
     try:
         yield "retry: 2000\n\n"
         if since is not None:

@@ -75,6 +75,10 @@ class Hub:
     def __init__(self, queue_size: int) -> None:
         self._queue_size = queue_size
         self._clients: set[HubClient] = set()
+        # Who wants which kiosk: a message is only matched against its kiosk's
+        # clients and those following every kiosk, not against everyone.
+        self._by_kiosk: dict[str, set[HubClient]] = {}
+        self._all_kiosks: set[HubClient] = set()
         self._numbers = itertools.count(1)
         self._listeners: list[Callable[[list[dict[str, Any]]], None]] = []
         self.delivered = 0
@@ -95,9 +99,37 @@ class Hub:
         log.info("ws client %d joined (%d connected)", client.number, len(self))
         return client
 
+    def subscribe(self, client: HubClient, subscription: Subscription) -> None:
+        """Set (or replace) what ``client`` receives from now on."""
+        self._unindex(client)
+        client.subscription = subscription
+        if client not in self._clients:
+            return  # already dropped
+        if subscription.kiosks is None:
+            self._all_kiosks.add(client)
+        else:
+            for kiosk_id in subscription.kiosks:
+                self._by_kiosk.setdefault(kiosk_id, set()).add(client)
+
+    def _unindex(self, client: HubClient) -> None:
+        self._all_kiosks.discard(client)
+        sub = client.subscription
+        if sub is None or sub.kiosks is None:
+            return
+        for kiosk_id in sub.kiosks:
+            followers = self._by_kiosk.get(kiosk_id)
+            if followers is not None:
+                followers.discard(client)
+                if not followers:
+                    del self._by_kiosk[kiosk_id]
+
+    def _remove(self, client: HubClient) -> None:
+        self._clients.discard(client)
+        self._unindex(client)
+
     def unregister(self, client: HubClient) -> None:
         """Remove a client."""
-        self._clients.discard(client)
+        self._remove(client)
         log.info("ws client %d left (%d connected)", client.number, len(self))
 
     def add_listener(self, listener: Callable[[list[dict[str, Any]]], None]) -> None:
@@ -129,8 +161,16 @@ class Hub:
                 log.exception("hub listener failed")
         if not self._clients:
             return
+        kiosks = {str(m.get("kiosk_id", "")) for m in messages}
+        targets = set(self._all_kiosks)
+        for kiosk_id in kiosks:
+            targets.update(self._by_kiosk.get(kiosk_id, ()))
+        if not targets:
+            return
         outgoing = [Outgoing(m, json.dumps(m, separators=(",", ":"))) for m in messages]
-        for client in list(self._clients):
+        # In publish order for every client: a client resumes from the last id
+        # it saw, so it must never see a later id before an earlier one.
+        for client in targets:
             sub = client.subscription
             if sub is None:
                 continue
@@ -145,7 +185,7 @@ class Hub:
         if client in self._clients:
             self.dropped_clients += 1
             log.warning("ws client %d too slow; disconnecting", client.number)
-            self._clients.discard(client)
+            self._remove(client)
         return False
 
 
