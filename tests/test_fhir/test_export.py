@@ -381,6 +381,16 @@ def test_delete_removes_the_job_and_its_files(export: ExportEnv) -> None:
     assert export.client.delete(status_url).status_code == 404
 
 
+def test_delete_right_after_kick_off_leaves_nothing(export: ExportEnv) -> None:
+    # Queued, running or done by the time the DELETE lands: gone with its files.
+    for _ in range(3):
+        status_url = kick_off(export.client)
+        job_dir = export.directory / status_url.rsplit("/", 1)[1]
+        assert export.client.delete(status_url).status_code == 202
+        assert export.client.get(status_url).status_code == 404
+        assert wait_for(lambda: not job_dir.exists(), 5)  # noqa: B023
+
+
 def _insert_job(url: str, owner: str, status: str, updated_at: datetime) -> str:
     """Write a job row as another API replica would have."""
     job_id = uuid.uuid4().hex
