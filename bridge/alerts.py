@@ -144,6 +144,12 @@ class AlertEvaluator:
 
     rules: dict[Metric, Rule]
     _tracks: dict[tuple[str, str], _Track] = field(default_factory=dict)
+    # Keyed by the plain metric name: a reading carries a str, and building the
+    # enum for every reading costs more than the rest of a normal observation.
+    _by_name: dict[str, tuple[Metric, Rule]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._by_name = {m.value: (m, rule) for m, rule in self.rules.items()}
 
     def restore(self, kiosk_id: str, metric: str, alert_id: int, severity: str) -> None:
         """Resume an open episode found in the database at start-up."""
@@ -160,9 +166,11 @@ class AlertEvaluator:
 
     def observe(self, r: StoredReading) -> AlertChange | None:
         """Evaluate one stored reading."""
-        metric = Metric(r.metric)
-        rule = self.rules.get(metric)
-        if rule is None or r.quality < rule.quality_floor:
+        found = self._by_name.get(r.metric)
+        if found is None:
+            return None
+        metric, rule = found
+        if r.quality < rule.quality_floor:
             return None
         track = self._tracks.setdefault((r.kiosk_id, r.metric), _Track())
         if track.last_at is not None and r.measured_at < track.last_at:

@@ -8,7 +8,6 @@ end and the store deduplicates on it.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -120,9 +119,11 @@ class ReadingsMessage(Message):
     @field_validator("readings")
     @classmethod
     def _seqs_increase(cls, readings: list[Reading]) -> list[Reading]:
-        seqs = [r.seq for r in readings]
-        if any(b <= a for a, b in itertools.pairwise(seqs)):
-            raise ValueError("reading seqs must strictly increase within a message")
+        last = -1
+        for r in readings:  # a plain loop: this runs for every message ingested
+            if r.seq <= last:
+                raise ValueError("reading seqs must strictly increase within a message")
+            last = r.seq
         return readings
 
 
