@@ -212,6 +212,15 @@ class ExportSettings(BaseModel):
         "and deletes expired ones.",
     )
 
+    @model_validator(mode="after")
+    def _touch_more_often_than_stale(self) -> Self:
+        if self.stale_after_seconds <= 2 * self.sweep_interval_seconds:
+            raise ValueError(
+                "export.stale_after_seconds must exceed twice "
+                "export.sweep_interval_seconds, or live jobs look dead"
+            )
+        return self
+
 
 class RelaySettings(BaseModel):
     """Outbound FHIR relay: completed scans pushed to an external FHIR R4 server."""

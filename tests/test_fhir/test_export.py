@@ -20,6 +20,7 @@ import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 from sqlalchemy import select
 from support import BrokerEndpoint, ServerThread, bridge_settings, wait_for
 from test_fhir.conftest import Expected, build_dataset, validated
@@ -33,6 +34,7 @@ from api.fhir.export import (
     parse_kickoff,
 )
 from api.fhir.search import FhirError
+from bridge.config import ExportSettings
 from bridge.store import Store
 from bridge.store.models import ExportJob, ReadingRow
 
@@ -505,6 +507,13 @@ def test_a_job_survives_a_restart_and_expires(
 
 
 # -- parsers -------------------------------------------------------------------
+
+
+def test_jobs_are_touched_well_within_the_stale_limit() -> None:
+    with pytest.raises(ValidationError, match="stale_after_seconds"):
+        ExportSettings(stale_after_seconds=10, sweep_interval_seconds=5)
+    assert ExportSettings(stale_after_seconds=11, sweep_interval_seconds=5)
+
 
 offsets = st.integers(min_value=-14 * 60, max_value=14 * 60).map(
     lambda m: timezone(timedelta(minutes=m))
