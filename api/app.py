@@ -16,6 +16,7 @@ from api.auth import TokenService
 from api.fhir import router as fhir_router
 from api.fhir.relay import FhirRelay
 from api.fhir.relay import admin_router as relay_admin_router
+from api.fhir.subscriptions import ws_router as fhir_ws_router
 from api.fhir_guard import fhir_guard
 from api.security import Auditor
 from bridge.config import BridgeSettings
@@ -77,6 +78,8 @@ def create_app(settings: BridgeSettings) -> FastAPI:
     app.include_router(live.router)
     app.include_router(stream.router)
     app.include_router(relay_admin_router)
+    # The FHIR websocket's credential is its binding token, not the HTTP guard.
+    app.include_router(fhir_ws_router)
     app.include_router(fhir_router, dependencies=[Depends(fhir_guard)])
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -156,72 +156,6 @@ class LimitSettings(BaseModel):
     burst: int = Field(default=200, ge=1, description="Requests a client may burst.")
 
 
-class ExportSettings(BaseModel):
-    """FHIR Bulk Data ``$export``: background jobs writing NDJSON files."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    directory: Path = Field(
-        default=Path("var/exports"),
-        description="Where export files are written, one sub-directory per job. "
-        "Several API replicas must share it (e.g. a shared volume): any replica "
-        "may answer a status or file request.",
-    )
-    max_resources_per_file: int = Field(
-        default=100_000,
-        ge=1,
-        description="Most resources in one NDJSON file; larger exports are split.",
-    )
-    page_size: int = Field(
-        default=2_000,
-        ge=1,
-        le=50_000,
-        description="Readings read from the database per page (bounds memory).",
-    )
-    retention_seconds: float = Field(
-        default=3_600.0,
-        gt=0,
-        description="How long a finished (or failed) job and its files are kept; "
-        "then both are deleted.",
-    )
-    max_jobs_per_client: int = Field(
-        default=2,
-        ge=1,
-        description="Queued or running jobs one client may have; more get 429.",
-    )
-    max_running_jobs: int = Field(
-        default=2,
-        ge=1,
-        description="Jobs one API process runs at once; the rest wait queued.",
-    )
-    retry_after_seconds: int = Field(
-        default=2,
-        ge=1,
-        description="Retry-After a status request answers while a job runs.",
-    )
-    stale_after_seconds: float = Field(
-        default=60.0,
-        gt=0,
-        description="A queued or running job not touched for this long (its "
-        "process died or restarted) is marked failed.",
-    )
-    sweep_interval_seconds: float = Field(
-        default=10.0,
-        gt=0,
-        description="How often each process touches its jobs, fails stale ones "
-        "and deletes expired ones.",
-    )
-
-    @model_validator(mode="after")
-    def _touch_more_often_than_stale(self) -> Self:
-        if self.stale_after_seconds <= 2 * self.sweep_interval_seconds:
-            raise ValueError(
-                "export.stale_after_seconds must exceed twice "
-                "export.sweep_interval_seconds, or live jobs look dead"
-            )
-        return self
-
-
 class RelaySettings(BaseModel):
     """Outbound FHIR relay: completed scans pushed to an external FHIR R4 server."""
 
@@ -335,6 +269,133 @@ class RelaySettings(BaseModel):
         return self
 
 
+class FhirSubscriptionSettings(BaseModel):
+    """Topic-based FHIR Subscriptions (R4 backport) with the websocket channel."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    binding_token_ttl_seconds: int = Field(
+        default=120,
+        ge=5,
+        le=3_600,
+        description="Lifetime of a $get-ws-binding-token token; each token binds "
+        "one socket once.",
+    )
+    heartbeat_min_seconds: int = Field(
+        default=1,
+        ge=1,
+        description="Shortest heartbeat period a Subscription may ask for.",
+    )
+    heartbeat_max_seconds: int = Field(
+        default=3_600,
+        ge=1,
+        description="Longest heartbeat period a Subscription may ask for.",
+    )
+    max_per_owner: int = Field(
+        default=50,
+        ge=1,
+        le=10_000,
+        description="Most Subscriptions one client (token subject) may hold.",
+    )
+    events_kept: int = Field(
+        default=10_000,
+        ge=10,
+        description="Events kept per Subscription for $events; older ones are "
+        "purged as new ones are numbered.",
+    )
+    events_page_max: int = Field(
+        default=1_000,
+        ge=1,
+        le=10_000,
+        description="Most events one $events call returns.",
+    )
+    pending_max: int = Field(
+        default=100_000,
+        ge=100,
+        description="Matched readings waiting to be numbered before new matches are "
+        "dropped (and logged).",
+    )
+    reload_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        le=300,
+        description="How often each API process re-reads the Subscriptions, so those "
+        "created or deleted through another process take effect.",
+    )
+    socket_queue_size: int = Field(
+        default=1_000,
+        ge=10,
+        description="Notifications buffered per socket before it is closed as too "
+        "slow (the events stay available to $events).",
+    )
+
+
+class ExportSettings(BaseModel):
+    """FHIR Bulk Data ``$export``: background jobs writing NDJSON files."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    directory: Path = Field(
+        default=Path("var/exports"),
+        description="Where export files are written, one sub-directory per job. "
+        "Several API replicas must share it (e.g. a shared volume): any replica "
+        "may answer a status or file request.",
+    )
+    max_resources_per_file: int = Field(
+        default=100_000,
+        ge=1,
+        description="Most resources in one NDJSON file; larger exports are split.",
+    )
+    page_size: int = Field(
+        default=2_000,
+        ge=1,
+        le=50_000,
+        description="Readings read from the database per page (bounds memory).",
+    )
+    retention_seconds: float = Field(
+        default=3_600.0,
+        gt=0,
+        description="How long a finished (or failed) job and its files are kept; "
+        "then both are deleted.",
+    )
+    max_jobs_per_client: int = Field(
+        default=2,
+        ge=1,
+        description="Queued or running jobs one client may have; more get 429.",
+    )
+    max_running_jobs: int = Field(
+        default=2,
+        ge=1,
+        description="Jobs one API process runs at once; the rest wait queued.",
+    )
+    retry_after_seconds: int = Field(
+        default=2,
+        ge=1,
+        description="Retry-After a status request answers while a job runs.",
+    )
+    stale_after_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="A queued or running job not touched for this long (its "
+        "process died or restarted) is marked failed.",
+    )
+    sweep_interval_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="How often each process touches its jobs, fails stale ones "
+        "and deletes expired ones.",
+    )
+
+    @model_validator(mode="after")
+    def _touch_more_often_than_stale(self) -> Self:
+        if self.stale_after_seconds <= 2 * self.sweep_interval_seconds:
+            raise ValueError(
+                "export.stale_after_seconds must exceed twice "
+                "export.sweep_interval_seconds, or live jobs look dead"
+            )
+        return self
+
+
 class BridgeSettings(TomlEnvSettings):
     """Everything the bridge and the API read at start-up."""
 
@@ -353,8 +414,11 @@ class BridgeSettings(TomlEnvSettings):
     dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
-    relay: RelaySettings = Field(default_factory=RelaySettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    relay: RelaySettings = Field(default_factory=RelaySettings)
+    fhir_subscriptions: FhirSubscriptionSettings = Field(
+        default_factory=FhirSubscriptionSettings
+    )
     environment: Literal["demo", "production"] = Field(
         default="production",
         description="`demo` accepts the built-in demo secret; `production` refuses it.",

@@ -39,7 +39,7 @@ FHIR_JSON = "application/fhir+json"
 _ACCEPTABLE = {"*/*", "application/*", "application/json", FHIR_JSON}
 _FORM = "application/x-www-form-urlencoded"
 _MAX_FORM_BYTES = 64 * 1024
-_RESOURCE_TYPES = ("Observation", "Device", "Patient", "AuditEvent")
+_RESOURCE_TYPES = ("Observation", "Device", "Patient", "AuditEvent", "Subscription")
 
 
 class FhirResponse(Response):
@@ -187,6 +187,9 @@ def _search_params(table: dict[str, tuple[str, str]]) -> list[mapping.JsonDict]:
 
 def capability_statement(base: str) -> mapping.JsonDict:
     """Describe exactly the interactions and parameters this facade implements."""
+    # Imported here: the subscriptions package imports this module.
+    from api.fhir.subscriptions import capability as subscriptions
+
     profiles = [
         mapping.VITALSIGNS_PROFILE,
         *(mc.specific_profile for mc in mapping.METRIC_CODINGS.values()),
@@ -197,7 +200,7 @@ def capability_statement(base: str) -> mapping.JsonDict:
         "date": CAPABILITY_DATE,
         "publisher": "kiosk-vitals",
         "kind": "instance",
-        "instantiates": [BULK_DATA_CAPABILITY],
+        "instantiates": [BULK_DATA_CAPABILITY, subscriptions.INSTANTIATES],
         "software": {"name": "kiosk-vitals FHIR facade", "version": SOFTWARE_VERSION},
         "implementation": {
             "description": "Camera vital signs from clinic kiosks (read-only)",
@@ -207,6 +210,7 @@ def capability_statement(base: str) -> mapping.JsonDict:
         "format": [FHIR_JSON, "json"],
         "rest": [
             {
+                "extension": [subscriptions.websocket_extension(base)],
                 "mode": "server",
                 "documentation": _RESULT_DOC,
                 "operation": [
@@ -243,6 +247,7 @@ def capability_statement(base: str) -> mapping.JsonDict:
                         "newest records first, no search parameters but _count.",
                         "interaction": [{"code": "search-type"}],
                     },
+                    subscriptions.subscription_resource(),
                 ],
             }
         ],

@@ -173,27 +173,6 @@ class RevokedToken(Base):
     expires_at: Mapped[datetime] = mapped_column(Timestamp, index=True)
 
 
-class ExportJob(Base):
-    """A FHIR Bulk Data ``$export`` job: who asked, for what, how far it got."""
-
-    __tablename__ = "export_jobs"
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    owner: Mapped[str] = mapped_column(String(128), index=True)  # token subject
-    status: Mapped[str] = mapped_column(String(16))
-    request_url: Mapped[str] = mapped_column(Text)
-    parameters: Mapped[str] = mapped_column(Text)  # JSON, re-parsed by the worker
-    transaction_time: Mapped[datetime] = mapped_column(Timestamp)
-    created_at: Mapped[datetime] = mapped_column(Timestamp)
-    # Touched while queued or running: a job left untouched lost its process.
-    updated_at: Mapped[datetime] = mapped_column(Timestamp)
-    expires_at: Mapped[datetime | None] = mapped_column(Timestamp, index=True)
-    exported: Mapped[int] = mapped_column(BigInteger, default=0)
-    total: Mapped[int | None] = mapped_column(BigInteger)
-    output: Mapped[str | None] = mapped_column(Text)  # JSON list of files
-    error: Mapped[str | None] = mapped_column(String(500))
-
-
 class FhirRelayEntry(Base):
     """A completed scan to push to the external FHIR server, with its delivery state.
 
@@ -224,3 +203,82 @@ class FhirRelayEntry(Base):
     last_error: Mapped[str | None] = mapped_column(String(500))
     observations: Mapped[int | None] = mapped_column(Integer)
     delivered_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class FhirSubscription(Base):
+    """A topic-based FHIR Subscription (R4 backport) and its event counter.
+
+    ``events_since_start`` is the counter row: event numbers are taken from it in
+    the transaction that logs the events, so they never repeat across processes.
+    """
+
+    __tablename__ = "fhir_subscriptions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    topic: Mapped[str] = mapped_column(String(256))
+    filters: Mapped[str] = mapped_column(Text)  # JSON list of filter-criteria
+    content: Mapped[str] = mapped_column(String(16))
+    heartbeat_seconds: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(String(500))
+    end_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    events_since_start: Mapped[int] = mapped_column(BigInteger, default=0)
+    error: Mapped[str | None] = mapped_column(String(200))
+
+
+class FhirSubscriptionEvent(Base):
+    """One numbered event of a Subscription: a reading that matched its filters."""
+
+    __tablename__ = "fhir_subscription_events"
+    __table_args__ = (
+        # One event per reading per Subscription, whichever process logs it first.
+        UniqueConstraint(
+            "subscription_id", "kiosk_id", "seq", name="uq_fhir_sub_events_reading"
+        ),
+    )
+
+    subscription_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    number: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    kiosk_id: Mapped[str] = mapped_column(String(64))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    reading_id: Mapped[int] = mapped_column(BigInteger)
+    at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class FhirBindingToken(Base):
+    """A single-use websocket binding token, stored by its SHA-256 only."""
+
+    __tablename__ = "fhir_binding_tokens"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    subscription_id: Mapped[str] = mapped_column(String(64), index=True)
+    subject: Mapped[str] = mapped_column(String(128))
+    # Whether the access token that asked for it may read Observations.
+    observations: Mapped[bool] = mapped_column(Boolean)
+    access_jti: Mapped[str] = mapped_column(String(64))
+    access_expires_at: Mapped[datetime] = mapped_column(Timestamp)
+    expires_at: Mapped[datetime] = mapped_column(Timestamp, index=True)
+    used_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class ExportJob(Base):
+    """A FHIR Bulk Data ``$export`` job: who asked, for what, how far it got."""
+
+    __tablename__ = "export_jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)  # token subject
+    status: Mapped[str] = mapped_column(String(16))
+    request_url: Mapped[str] = mapped_column(Text)
+    parameters: Mapped[str] = mapped_column(Text)  # JSON, re-parsed by the worker
+    transaction_time: Mapped[datetime] = mapped_column(Timestamp)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    # Touched while queued or running: a job left untouched lost its process.
+    updated_at: Mapped[datetime] = mapped_column(Timestamp)
+    expires_at: Mapped[datetime | None] = mapped_column(Timestamp, index=True)
+    exported: Mapped[int] = mapped_column(BigInteger, default=0)
+    total: Mapped[int | None] = mapped_column(BigInteger)
+    output: Mapped[str | None] = mapped_column(Text)  # JSON list of files
+    error: Mapped[str | None] = mapped_column(String(500))

@@ -8,6 +8,8 @@ from test_fhir.conftest import FhirEnv
 
 from api.fhir import router, search
 from api.fhir.routes import BULK_DATA_CAPABILITY, EXPORT_DEFINITION
+from api.fhir.subscriptions import capability as subscriptions
+from api.fhir.subscriptions.criteria import TOPIC_URL
 
 
 def test_capability_statement_matches_the_implementation(fhir: FhirEnv) -> None:
@@ -22,7 +24,31 @@ def test_capability_statement_matches_the_implementation(fhir: FhirEnv) -> None:
     operations = {op["name"]: op["definition"] for op in rest["operation"]}
     assert operations["export"] == EXPORT_DEFINITION
     resources = {r["type"]: r for r in rest["resource"]}
-    assert set(resources) == {"Observation", "Device", "Patient", "AuditEvent"}
+    assert set(resources) == {
+        "Observation",
+        "Device",
+        "Patient",
+        "AuditEvent",
+        "Subscription",
+    }
+    # Subscriptions: the backport IG's R4 server statement, topic and websocket.
+    assert subscriptions.INSTANTIATES in cs["instantiates"]
+    [websocket] = rest["extension"]
+    assert websocket["url"] == subscriptions.WEBSOCKET_EXTENSION
+    assert websocket["valueUri"] == f"ws://127.0.0.1:{fhir.server.port}/fhir/ws"
+    sub = resources.pop("Subscription")
+    assert sub["extension"] == [
+        {"url": subscriptions.TOPIC_EXTENSION, "valueCanonical": TOPIC_URL}
+    ]
+    assert [i["code"] for i in sub["interaction"]] == [
+        "read",
+        "create",
+        "delete",
+        "search-type",
+    ]
+    assert {op["name"]: op["definition"] for op in sub["operation"]} == (
+        subscriptions.OPERATIONS
+    )
     for name, r in resources.items():
         expected = ["search-type"] if name == "AuditEvent" else ["read", "search-type"]
         assert [i["code"] for i in r["interaction"]] == expected
@@ -55,6 +81,11 @@ def test_every_route_is_declared_and_every_declared_param_works(fhir: FhirEnv) -
         "/fhir/$export",
         "/fhir/$export-status/{job_id}",  # GET polls, DELETE cancels
         "/fhir/$export-file/{job_id}/{name}",
+        "/fhir/Subscription",  # GET searches, POST creates
+        "/fhir/Subscription/{sub_id}",  # GET reads, DELETE deletes
+        "/fhir/Subscription/{sub_id}/$status",
+        "/fhir/Subscription/{sub_id}/$events",  # GET and POST
+        "/fhir/Subscription/{sub_id}/$get-ws-binding-token",
         "/fhir/{path:path}",  # the OperationOutcome 404/405 for everything else
     }
     samples = {
@@ -66,6 +97,7 @@ def test_every_route_is_declared_and_every_declared_param_works(fhir: FhirEnv) -
         "device": "kiosk-a",
         "identifier": "kiosk-a:1",
         "_lastUpdated": "ge2026",
+        "status": "active",
     }
     cs = fhir.ok("/metadata")
     for resource in cs["rest"][0]["resource"]:
