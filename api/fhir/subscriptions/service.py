@@ -254,8 +254,8 @@ class SubscriptionService:
         self.settings = settings
         self._records: dict[str, SubscriptionRecord] = {}
         self._filters: dict[str, criteria.Filter] = {}
-        self._by_device: dict[str, set[str]] = {}
-        self._any_device: set[str] = set()
+        # (device id | None, metric | None) -> Subscriptions; None means any.
+        self._by_key: dict[tuple[str | None, str | None], tuple[str, ...]] = {}
         self._pending: list[_Candidate] = []
         self._wake = asyncio.Event()
         self._sessions: dict[str, set[Session]] = {}
@@ -297,8 +297,7 @@ class SubscriptionService:
         now = now_utc()
         self._records = {r.id: r for r in records}
         self._filters = {}
-        self._by_device = {}
-        self._any_device = set()
+        by_key: dict[tuple[str | None, str | None], list[str]] = {}
         for r in self._records.values():
             if r.effective_status(now) is Status.OFF:
                 continue
@@ -308,11 +307,12 @@ class SubscriptionService:
                 log.warning("subscription %s has an unreadable filter; skipped", r.id)
                 continue
             self._filters[r.id] = f
-            if f.devices is None:
-                self._any_device.add(r.id)
-            else:
-                for d in f.devices:
-                    self._by_device.setdefault(d, set()).add(r.id)
+            # Each Subscription lies under exactly one key of any reading.
+            devices: Iterable[str | None] = f.devices or (None,)
+            for d in devices:
+                for m in f.metrics or (None,):
+                    by_key.setdefault((d, m), []).append(r.id)
+        self._by_key = {k: tuple(v) for k, v in by_key.items()}
         # Sockets of Subscriptions deleted elsewhere end here.
         for sub_id, sessions in list(self._sessions.items()):
             if sub_id not in self._records:
@@ -340,11 +340,12 @@ class SubscriptionService:
             if not isinstance(kiosk_id, str) or not isinstance(metric, str):
                 continue
             device = device_id(kiosk_id)
-            subs = tuple(
-                sub_id
-                for group in (self._by_device.get(device, ()), self._any_device)
-                for sub_id in group
-                if self._filters[sub_id].prematch(device, metric)
+            index = self._by_key
+            subs = (
+                index.get((device, metric), ())
+                + index.get((device, None), ())
+                + index.get((None, metric), ())
+                + index.get((None, None), ())
             )
             if not subs:
                 continue
