@@ -272,7 +272,7 @@ def since_start(client: httpx.Client, sub_id: str) -> int:
 def env(request: pytest.FixtureRequest, fhir_broker: BrokerEndpoint) -> Iterator[Env]:
     url: str = request.getfixturevalue(f"fhir_{request.param}_url")
     limits = {"requests_per_second": 1e6, "burst": 1_000_000}
-    subs = {"reload_seconds": 0.5}
+    subs = {"reload_seconds": 0.5, "events_kept": 10}
     server = ServerThread(
         bridge_settings(fhir_broker, url, limits=limits, fhir_subscriptions=subs)
     )
@@ -634,6 +634,26 @@ def test_notifications_numbered_missed_and_resumed(env: Env) -> None:
             == 400
         )
         c.delete(f"/fhir/Subscription/{sub_id}")
+
+
+def test_events_already_purged_are_reported(env: Env) -> None:
+    k = kiosk()
+    with env.client() as c:
+        sub = create(c, subscription_body([f"Observation?device=Device/{k}"]))
+        upload(c, k, range(0, 13))
+        assert wait_for(lambda: since_start(c, sub["id"]) == 13, 10)
+        # The server keeps the newest 10 (events_kept): 1..3 are gone.
+        bundle = events_of(c, sub["id"], eventsSinceNumber=1, eventsUntilNumber=5)
+        assert [n for n, _ in status_of(bundle)["events"]] == [4, 5]
+        outcome = bundle["entry"][0]["response"]["outcome"]
+        mapping.to_model(outcome)
+        assert outcome["issue"][0]["severity"] == "warning"
+        assert "1..3" in outcome["issue"][0]["diagnostics"]
+        assert (
+            "outcome"
+            not in events_of(c, sub["id"], eventsSinceNumber=4)["entry"][0]["response"]
+        )
+        c.delete(f"/fhir/Subscription/{sub['id']}")
 
 
 def test_filters_by_patient_code_and_device(env: Env) -> None:

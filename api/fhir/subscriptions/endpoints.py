@@ -174,6 +174,8 @@ async def delete_subscription(sub_id: str, request: Request) -> Response:
 # -- operations ----------------------------------------------------------------
 
 
+# TODO: type-level $status (all of the caller's Subscriptions) and PUT/PATCH of a
+# Subscription (the IG's SHOULD) are not implemented; delete and create instead.
 @router.get("/Subscription/{sub_id}/$status")
 async def subscription_status(sub_id: str, request: Request) -> Response:
     """Return the Subscription's status as a searchset of one status Parameters."""
@@ -293,6 +295,8 @@ async def subscription_events(sub_id: str, request: Request) -> Response:
     return await _events(request, sub_id, [(n, v) for n, v in pairs if n != "_format"])
 
 
+# TODO: fhir_guard asks system/Subscription.write for this POST (it reads only);
+# teach the guard that $events is a read, then drop this note from the README.
 @router.post("/Subscription/{sub_id}/$events")
 async def subscription_events_post(sub_id: str, request: Request) -> Response:
     """``$events`` with a Parameters body."""

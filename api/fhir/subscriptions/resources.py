@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -249,21 +250,23 @@ def status_parameters(
     kind: NotificationType,
     base: str,
     now: datetime,
-    events: list[Event] = (),  # type: ignore[assignment]
+    events: Sequence[Event] = (),
     content: Content | None = None,
+    since_start: int | None = None,
 ) -> JsonDict:
     """Build the R4 SubscriptionStatus: ``Parameters`` per backport-subscription-status-r4.
 
-    ``events-since-subscription-start`` is the Subscription's counter, or the last
-    event's number when events are listed (a notification reports the count as of
-    its event).
+    ``events-since-subscription-start`` is ``since_start`` when given (a socket
+    reports what it has delivered), else the last event's number for an event
+    notification, else the Subscription's counter.
     """
     content = content or record.content
-    since_start = (
-        events[-1].number
-        if kind is NotificationType.EVENT and events
-        else (record.events_since_start)
-    )
+    if since_start is None:
+        since_start = (
+            events[-1].number
+            if kind is NotificationType.EVENT and events
+            else record.events_since_start
+        )
     params: list[JsonDict] = [
         {
             "name": "subscription",
@@ -323,9 +326,10 @@ def notification_bundle(
     kind: NotificationType,
     base: str,
     now: datetime,
-    events: list[Event] = (),  # type: ignore[assignment]
+    events: Sequence[Event] = (),
     content: Content | None = None,
     warning: str | None = None,
+    since_start: int | None = None,
 ) -> JsonDict:
     """Build a notification (or ``$events`` answer): a ``history`` Bundle.
 
@@ -334,7 +338,9 @@ def notification_bundle(
     entry with a 404 response instead.
     """
     content = content or record.content
-    parameters = status_parameters(record, kind, base, now, events, content)
+    parameters = status_parameters(
+        record, kind, base, now, events, content, since_start
+    )
     first = status_entry(parameters, base, record.id)
     if warning:
         first["response"]["outcome"] = mapping.operation_outcome(

@@ -160,6 +160,8 @@ class Session:
     async def _tick(self) -> None:
         """Send due heartbeats; close when every binding's access has ended."""
         now = self._checked_at = time.monotonic()
+        # TODO: is_revoked re-reads the revocation list on the event loop every few
+        # seconds (as api/live.py does); move that refresh to a background task.
         live = [
             b
             for b in self.bound.values()
@@ -225,15 +227,18 @@ class Session:
     async def _send(
         self, bound: _Bound, kind: NotificationType, events: list[Event]
     ) -> None:
+        # A handshake reports the count the client starts after, a heartbeat
+        # the count delivered so far; an event its own number.
+        since = None if kind is NotificationType.EVENT else bound.sent_through
         bundle = notification_bundle(
-            bound.record, kind, self.base, now_utc(), events, bound.content
+            bound.record,
+            kind,
+            self.base,
+            now_utc(),
+            events,
+            bound.content,
+            since_start=since,
         )
-        if kind is NotificationType.HANDSHAKE:
-            # The handshake reports the count the client starts after.
-            status = bundle["entry"][0]["resource"]["parameter"]
-            for p in status:
-                if p["name"] == "events-since-subscription-start":
-                    p["valueString"] = str(bound.sent_through)
         await self.ws.send_json(bundle)
         bound.last_sent = time.monotonic()
 
@@ -397,6 +402,8 @@ class SubscriptionService:
                 continue
             readings[(r.kiosk_id, r.seq)] = r
             wanted[(r.kiosk_id, r.seq)] = c.subs
+        # TODO: a reading stored before its scan names the patient (a late scan
+        # event) never matches a patient filter; re-match when the scan changes.
         scans = {(r.kiosk_id, r.scan_id) for r in readings.values() if r.scan_id}
         patients = self.store.patients_of(scans) if scans else {}
 
