@@ -491,16 +491,25 @@ class RelayQueue:
         )
         return scan, through
 
-    def settle(self, entry_id: int, owner: str, **values: Any) -> bool:
-        """Write an attempt's result and drop the lease; False if the lease was lost."""
+    def settle(
+        self, owner: str, results: Sequence[tuple[int, dict[str, Any]]]
+    ) -> list[int]:
+        """Write attempts' results and drop their leases in one transaction.
+
+        Return the ids whose lease ``owner`` had lost (their results are dropped).
+        """
         e = FhirRelayEntry
-        stmt = (
-            update(e)
-            .where(e.id == entry_id, e.lease_owner == owner)
-            .values(lease_owner=None, lease_until=None, **values)
-        )
+        lost: list[int] = []
         with self._begin("settle") as conn:
-            return bool(conn.execute(stmt).rowcount)
+            for entry_id, values in results:
+                stmt = (
+                    update(e)
+                    .where(e.id == entry_id, e.lease_owner == owner)
+                    .values(lease_owner=None, lease_until=None, **values)
+                )
+                if not conn.execute(stmt).rowcount:
+                    lost.append(entry_id)
+        return lost
 
     def release(self, owner: str) -> int:
         """Drop every lease ``owner`` still holds (at shutdown)."""
@@ -675,8 +684,12 @@ class FhirRelay:
         results = await asyncio.gather(
             *(self._deliver(entry) for entry in claimed), return_exceptions=True
         )
+
+        # One commit for the whole batch: on SQLite (synchronous=FULL) a commit
+        # per scan would bound the relay to a few dozen scans a second.
+        settled: list[tuple[int, dict[str, Any]]] = []
         for entry, result in zip(claimed, results, strict=True):
-            # The entry's lease runs out and another pass takes it up again.
+            # A failed entry keeps its lease until it runs out, then is taken again.
             if isinstance(result, StoreError):
                 log.warning("scan %s/%s: %s", entry.kiosk_id, entry.scan_id, result)
             elif isinstance(result, BaseException):
@@ -686,6 +699,12 @@ class FhirRelay:
                     entry.scan_id,
                     exc_info=result,
                 )
+            else:
+                settled.append((entry.id, result))
+        if settled:
+            lost = await asyncio.to_thread(self.queue.settle, self.owner, settled)
+            if lost:
+                log.warning("relay leases lost before settling entries %s", lost)
         counts = await asyncio.to_thread(self.queue.counts, (PENDING, FAILED))
         for state, n in counts.items():
             self.metrics.queue.labels(state).set(n)
@@ -705,8 +724,8 @@ class FhirRelay:
             head = await asyncio.to_thread(self.queue.head_event_id)
             self._cursor = max(0, head - LOOKBACK_EVENT_IDS)
 
-    async def _deliver(self, entry: Claimed) -> None:
-        """Send one claimed scan and record the outcome."""
+    async def _deliver(self, entry: Claimed) -> dict[str, Any]:
+        """Send one claimed scan; return the entry's new column values."""
         scan, through = await asyncio.to_thread(self.queue.load, entry)
         now = datetime.now(UTC)
 
@@ -715,10 +734,7 @@ class FhirRelay:
         waited = (now - entry.created_at).total_seconds()
         if through < entry.event_seq and waited < self.settings.settle_timeout_seconds:
             retry_at = now + timedelta(seconds=self.settings.poll_interval_seconds)
-            await asyncio.to_thread(
-                self.queue.settle, entry.id, self.owner, next_attempt_at=retry_at
-            )
-            return
+            return {"next_attempt_at": retry_at}
         if not scan.readings:
             log.info(
                 "scan %s/%s has no final readings; skipped",
@@ -726,14 +742,11 @@ class FhirRelay:
                 entry.scan_id,
             )
             self.metrics.attempts.labels("skipped").inc()
-            await asyncio.to_thread(
-                self.queue.settle, entry.id, self.owner, state=SKIPPED, observations=0
-            )
-            return
+            return {"state": SKIPPED, "observations": 0}
 
         bundle = build_transaction(scan, self._patient_system)
         outcome = await self._send(bundle)
-        await self._record(entry, outcome, len(scan.readings))
+        return self._outcome_values(entry, outcome, len(scan.readings))
 
     async def _send(self, bundle: JsonDict) -> Outcome:
         """POST one transaction and classify what came back."""
@@ -754,10 +767,10 @@ class FhirRelay:
             self.metrics.request_seconds.observe(time.perf_counter() - started)
         return classify(response, len(bundle["entry"]), datetime.now(UTC))
 
-    async def _record(
+    def _outcome_values(
         self, entry: Claimed, outcome: Outcome, observations: int
-    ) -> None:
-        """Store the outcome of an attempt, with the next attempt time of a retry."""
+    ) -> dict[str, Any]:
+        """Count and log an attempt; return its columns (a retry's next time)."""
         now = datetime.now(UTC)
         attempts = entry.attempts + 1
         values: dict[str, Any] = {
@@ -778,7 +791,7 @@ class FhirRelay:
                 "observations": observations,
             }
             self.metrics.attempts.labels("delivered").inc()
-            log.info(
+            log.debug(
                 "%s delivered (%d observations, attempt %d)",
                 where,
                 observations,
@@ -800,11 +813,7 @@ class FhirRelay:
             values["state"] = FAILED
             self.metrics.attempts.labels("failed").inc()
             log.error("%s failed permanently: %s", where, outcome.error)
-
-        if not await asyncio.to_thread(
-            self.queue.settle, entry.id, self.owner, **values
-        ):
-            log.warning("%s: lease lost before the outcome was stored", where)
+        return values
 
 
 # -- admin endpoints ----------------------------------------------------------

@@ -110,8 +110,11 @@ class FhirEndpoint:
                 else:
                     endpoint.answer_transaction(self, body)
 
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        server.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 128  # a full batch connects at once
+            daemon_threads = True
+
+        server = Server(("127.0.0.1", self.port), Handler)
         self._server = server
         threading.Thread(
             target=server.serve_forever, name="fake-fhir", daemon=True
