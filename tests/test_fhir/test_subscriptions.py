@@ -90,9 +90,12 @@ class Env:
     database: str
 
     def client(
-        self, subject: str = "owner", scopes: tuple[str, ...] = OWNER_SCOPES
+        self,
+        subject: str = "owner",
+        scopes: tuple[str, ...] = OWNER_SCOPES,
+        ttl: int | None = None,
     ) -> httpx.Client:
-        token = self.server.app.state.tokens.issue(subject, list(scopes))
+        token = self.server.app.state.tokens.issue(subject, list(scopes), ttl)
         return httpx.Client(
             base_url=self.server.base,
             headers={"Authorization": f"Bearer {token}"},
@@ -695,21 +698,24 @@ def test_filters_by_patient_code_and_device(env: Env) -> None:
             c.delete(f"/fhir/Subscription/{sub_id}")
 
 
-def test_heartbeats_arrive_at_the_period(env: Env) -> None:
-    with env.client() as c:
+def test_heartbeats_arrive_at_the_period_until_access_ends(env: Env) -> None:
+    with env.client() as c, env.client(ttl=4) as short_lived:
         sub = create(
             c, subscription_body([f"Observation?device=Device/{kiosk()}"], heartbeat=1)
         )
-        with bind(env, binding_token(c, sub["id"])) as ws:
+        # The binding lives as long as the access token that asked for it.
+        with bind(env, binding_token(short_lived, sub["id"])) as ws:
             assert status_of(recv_bundle(ws))["type"] == "handshake"
             times = []
             for _ in range(3):
                 status = status_of(recv_bundle(ws))
                 assert status["type"] == "heartbeat"
                 assert status["events"] == []
+                assert status["events-since-subscription-start"] == "0"
                 times.append(time.monotonic())
             gaps = [b - a for a, b in itertools.pairwise(times)]
             assert all(0.7 <= g <= 2.0 for g in gaps), gaps
+            assert close_code(ws) == 4401
         c.delete(f"/fhir/Subscription/{sub['id']}")
 
 

@@ -55,6 +55,7 @@ CLOSE_SLOW = 4008
 CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_GONE = 4404
+CLOSE_INTERNAL = 1011
 SLOW_ERROR = "notifications fell behind; missed events are available from $events"
 
 
@@ -130,6 +131,11 @@ class Session:
             await self._send_loop()
         except (WebSocketDisconnect, RuntimeError, OSError):
             log.debug("fhir ws client went away while we sent")
+        except StoreError as exc:
+            log.warning("%s; closing a fhir ws so its client reconnects", exc)
+            self.closed = (CLOSE_INTERNAL, "database unavailable; reconnect")
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+                await self._close()
 
     async def _send_loop(self) -> None:
         while True:
@@ -158,19 +164,22 @@ class Session:
         return deadline
 
     async def _tick(self) -> None:
-        """Send due heartbeats; close when every binding's access has ended."""
+        """Send due heartbeats; unbind what lost its access, close when none is left."""
         now = self._checked_at = time.monotonic()
         # TODO: is_revoked re-reads the revocation list on the event loop every few
         # seconds (as api/live.py does); move that refresh to a background task.
-        live = [
-            b
-            for b in self.bound.values()
-            if b.access_expires_at > time.time()
-            and not tokens(self.ws).is_revoked(b.access_jti)
-        ]
-        if self.bound and not live:
-            self.closed = (CLOSE_UNAUTHORIZED, "access token expired or revoked")
-            return
+        for sub_id, b in list(self.bound.items()):
+            if b.access_expires_at <= time.time() or tokens(self.ws).is_revoked(
+                b.access_jti
+            ):
+                del self.bound[sub_id]
+                self.service.detach(sub_id, self)
+                if not self.bound:
+                    self.closed = (
+                        CLOSE_UNAUTHORIZED,
+                        "access token expired or revoked",
+                    )
+                    return
         for b in self.bound.values():
             period = b.record.heartbeat_seconds
             if period is not None and now - b.last_sent >= period:
@@ -467,8 +476,8 @@ class SubscriptionService:
                 del self._sessions[sub_id]
 
     def detach_all(self, session: Session) -> None:
-        """Forget a closed session."""
-        for sub_id in list(session.bound):
+        """Forget a closed session (also where a bind was cut short)."""
+        for sub_id in [k for k, group in self._sessions.items() if session in group]:
             self.detach(sub_id, session)
 
     def close_sockets(self, sub_id: str, code: int, reason: str) -> None:

@@ -13,7 +13,8 @@ Protocol (backport IG, websocket channel):
   4401 binding token unknown, expired or already used, or the access token
   behind every binding expired or was revoked; 4404 the Subscription was
   deleted; 4008 the client read too slowly (the Subscription turns ``error``;
-  fetch what was missed with ``$events``); 1001 server shutting down.
+  fetch what was missed with ``$events``); 1001 server shutting down; 1011 the
+  database failed (reconnect and bind again).
 
 The binding token is the credential: this route sits outside the FHIR HTTP guard.
 Tokens are single use and short-lived; the access token that asked for one is
@@ -31,6 +32,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from api.fhir.subscriptions.resources import now_utc
 from api.fhir.subscriptions.service import (
     CLOSE_BAD_REQUEST,
+    CLOSE_INTERNAL,
     CLOSE_UNAUTHORIZED,
     Session,
     SubscriptionService,
@@ -105,7 +107,8 @@ async def _receive(
             )
         except StoreError:
             log.warning("fhir ws: database unavailable while binding")
-            binding = None
+            session.close(CLOSE_INTERNAL, "database unavailable; reconnect")
+            return
         if binding is None or tokens(ws).is_revoked(binding.access_jti):
             session.close(CLOSE_UNAUTHORIZED, "binding token invalid, expired or used")
             return
