@@ -8,7 +8,10 @@ A worker in every API process that enables ``relay`` does three things per poll:
    make ids visible slightly out of order). Nothing depends on the ingest path.
 2. **Claim.** Due pending entries get a lease with one conditional ``UPDATE``
    (``FOR UPDATE SKIP LOCKED`` on PostgreSQL): several processes on one database
-   never send the same entry at once.
+   never send the same entry at once. An entry whose kiosk has not yet stored
+   every message before the completion (its contiguous ``committed_through`` is
+   below the event's seq: a final reading may still be on its way through another
+   bridge) waits, up to ``settle_timeout_seconds``.
 3. **Send.** One ``transaction`` Bundle per scan: the kiosk's Device and the scan's
    *final* Observations (the scan's result; the running estimates before it are
    not the EHR's business), each a conditional create (``ifNoneExist`` on its
@@ -19,10 +22,10 @@ A worker in every API process that enables ``relay`` does three things per poll:
    the EHR owns its patients, the relay never creates one; an unknown patient is a
    permanent failure an admin can retry once the EHR knows the patient.
 
-Outcomes: every entry of a 2xx transaction-response 2xx -> ``delivered``; 408, 429,
-5xx, timeouts and connection errors -> retried with capped exponential backoff and
-jitter, never sooner than ``Retry-After``; 412 (an ``ifNoneExist`` matched several)
-and every other 4xx or malformed answer -> ``failed``, listed by
+Outcomes: a 2xx transaction-response whose entries are all 2xx -> ``delivered``;
+408, 429, 5xx, timeouts and connection errors -> retried with capped exponential
+backoff and jitter, never sooner than ``Retry-After``; 412 (an ``ifNoneExist``
+matched several) and every other 4xx or malformed answer -> ``failed``, listed by
 ``GET /api/v1/admin/relay`` and sent again after ``POST .../{id}/retry``. A
 complete scan without final readings is ``skipped``. Stored errors and logs carry
 status codes and issue codes only, never the server's diagnostics (they may echo
@@ -636,6 +639,10 @@ class FhirRelay:
 
     async def start(self) -> None:
         """Start the worker task."""
+        s = self.settings
+        credentials = s.bearer_token is not None or s.token_url is not None
+        if credentials and not self._url.startswith("https://"):
+            log.warning("FHIR relay sends credentials to a plain-HTTP base_url")
         self._client = make_client(self.settings)
         self._task = asyncio.create_task(self._run(), name="fhir-relay[worker]")
         log.info("FHIR relay started as %s", self.owner)

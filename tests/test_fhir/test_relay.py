@@ -532,6 +532,22 @@ def test_a_412_fails_permanently_until_an_admin_retries(
         server.stop()
 
 
+def test_transient_failures_become_permanent_after_max_attempts(
+    relay_broker: BrokerEndpoint, sqlite_url: str, endpoint: FhirEndpoint
+) -> None:
+    scans = Scans()
+    endpoint.always = "500"
+    server = relay_api(relay_broker, sqlite_url, endpoint, max_attempts=3)
+    try:
+        write(sqlite_url, scans.scan("kiosk-m", "s1"))
+        assert wait_for(lambda: admin(server, "failed")["items"])
+        [entry] = admin(server, "failed")["items"]
+        assert (entry["attempts"], entry["last_status"]) == (3, 500)
+        assert len(endpoint.requests) == 3
+    finally:
+        server.stop()
+
+
 def test_the_queue_survives_an_api_restart(
     relay_broker: BrokerEndpoint, sqlite_url: str, endpoint: FhirEndpoint
 ) -> None:
@@ -679,6 +695,19 @@ def test_the_transaction_is_valid_r4_with_resolvable_references(
         else:
             query = parse_qs(urlsplit(subject).query)
             assert query == {"identifier": [f"https://ehr.example/mrn|{patient_ref}"]}
+
+
+@given(st.text(min_size=1, max_size=128))
+def test_conditional_references_carry_any_patient_ref_intact(patient_ref: str) -> None:
+    scan = RelayScan(
+        "kiosk-a", "s1", patient_ref, [stored("kiosk-a", 1, Metric.SPO2)], None
+    )
+    observation = build_transaction(scan, "https://ehr.example/mrn")["entry"][1]
+    subject = urlsplit(observation["resource"]["subject"]["reference"])
+    assert subject.path == "Patient"
+    assert parse_qs(subject.query, strict_parsing=True) == {
+        "identifier": [f"https://ehr.example/mrn|{patient_ref}"]
+    }
 
 
 def response(
