@@ -784,17 +784,19 @@ def test_binding_token_misuse_is_refused(env: Env) -> None:
 def test_two_processes_number_once_and_the_socket_holder_sends(
     mosquitto_broker: BrokerEndpoint, database_url: str
 ) -> None:
-    """Both processes see every reading (shared ingest, live topic) and log it."""
-    servers = [
-        ServerThread(
-            bridge_settings(
-                mosquitto_broker,
-                database_url,
-                fhir_subscriptions={"reload_seconds": 0.5},
-            )
+    """Both processes see every reading (shared ingest, live topic) and log it.
+
+    Then both stop, and a fresh process on the same database numbers on from
+    where they left off.
+    """
+
+    def server() -> ServerThread:
+        subs = {"reload_seconds": 0.5}
+        return ServerThread(
+            bridge_settings(mosquitto_broker, database_url, fhir_subscriptions=subs)
         )
-        for _ in range(2)
-    ]
+
+    servers = [server(), server()]
     for s in servers:
         s.start()
     try:
@@ -829,3 +831,17 @@ def test_two_processes_number_once_and_the_socket_holder_sends(
     finally:
         for s in servers:
             s.stop()
+
+    # A restart: numbers continue, never repeat.
+    restarted = server()
+    restarted.start()
+    try:
+        env = Env(restarted, "restarted")
+        with env.client() as c, bind(env, binding_token(c, sub["id"])) as ws:
+            hello = status_of(recv_bundle(ws))
+            assert hello["events-since-subscription-start"] == "12"
+            upload(c, k, range(12, 14))
+            numbers = [status_of(recv_bundle(ws))["events"][0][0] for _ in range(2)]
+            assert numbers == [13, 14]
+    finally:
+        restarted.stop()
