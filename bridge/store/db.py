@@ -37,7 +37,6 @@ from vitals_contract import (
     METRICS,
     Heartbeat,
     KioskStatus,
-    Metric,
     Reading,
     ScanEvent,
     ScanState,
@@ -82,6 +81,10 @@ def dialect_insert(engine: Engine) -> Any:
     raise StoreError(f"unsupported database dialect {dialect!r}")
 
 
+# By plain name: the enum lookup cost more than the rest of rendering a reading.
+_ESTIMATES = {metric.value: info.estimate for metric, info in METRICS.items()}
+
+
 @dataclass(frozen=True, slots=True)
 class StoredReading:
     """A reading as stored, with its store position ``id``."""
@@ -101,7 +104,7 @@ class StoredReading:
     @property
     def estimate(self) -> bool:
         """Whether the metric is only an estimate."""
-        return METRICS[Metric(self.metric)].estimate
+        return _ESTIMATES[self.metric]
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> StoredReading:
