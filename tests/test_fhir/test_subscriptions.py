@@ -527,6 +527,24 @@ def test_scopes_and_ownership(env: Env) -> None:
         sub = create(c, subscription_body([], "empty"))
         c.delete(f"/fhir/Subscription/{sub['id']}")
 
+    # The owner's later token without Observation.read sees no Observation ids.
+    k = kiosk()
+    with env.client() as c, env.client(scopes=no_obs) as blind:
+        sub = create(c, subscription_body([f"Observation?device=Device/{k}"]))
+        upload(c, k, range(0, 1))
+        assert wait_for(lambda: since_start(c, sub["id"]) == 1, 10)
+        [(_, focus)] = status_of(events_of(c, sub["id"]))["events"]
+        assert focus is not None
+        bundle = events_of(blind, sub["id"], content="full-resource")
+        assert status_of(bundle)["events"] == [(1, None)]
+        assert len(bundle["entry"]) == 1
+        # So does its socket: empty notifications (no topic, no focus).
+        with bind(env, binding_token(blind, sub["id"])) as ws:
+            assert "topic" not in status_of(recv_bundle(ws))
+            upload(c, k, range(1, 2))
+            assert status_of(recv_bundle(ws))["events"] == [(2, None)]
+        c.delete(f"/fhir/Subscription/{sub['id']}")
+
 
 # -- the websocket channel ---------------------------------------------------------------
 
