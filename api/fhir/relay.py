@@ -110,7 +110,12 @@ class RelayScan:
 
 
 def _search_token(system: str, value: str) -> str:
-    """Render ``identifier=<system>|<value>`` with the value percent-encoded."""
+    """Render ``identifier=<system>|<value>`` with the value percent-encoded.
+
+    R4 wants ``ifNoneExist`` as the query part only. Some HAPI versions wanted the
+    ``Type?`` prefix for chained parameters (hapifhir/hapi-fhir#2842); a plain
+    identifier token is not affected.
+    """
     return "identifier=" + quote(f"{system}|{value}", safe=":/")
 
 
@@ -634,6 +639,7 @@ class FhirRelay:
             2 * settings.request_timeout_seconds + LEASE_MARGIN_SECONDS
         )
         self._cursor = 0  # the first pass sweeps every completion event
+        self._known_devices: set[str] = set()  # kiosks whose Device we delivered
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -688,14 +694,13 @@ class FhirRelay:
             self._lease_seconds,
             self.settings.batch_size,
         )
-        results = await asyncio.gather(
-            *(self._deliver(entry) for entry in claimed), return_exceptions=True
-        )
+        results = await self._deliver_in_waves(claimed)
 
         # One commit for the whole batch: on SQLite (synchronous=FULL) a commit
         # per scan would bound the relay to a few dozen scans a second.
         settled: list[tuple[int, dict[str, Any]]] = []
-        for entry, result in zip(claimed, results, strict=True):
+        for entry in claimed:
+            result = results.get(entry.id, {})  # {}: not sent, just released
             # A failed entry keeps its lease until it runs out, then is taken again.
             if isinstance(result, StoreError):
                 log.warning("scan %s/%s: %s", entry.kiosk_id, entry.scan_id, result)
@@ -716,6 +721,39 @@ class FhirRelay:
         for state, n in counts.items():
             self.metrics.queue.labels(state).set(n)
         return bool(claimed)
+
+    async def _deliver_in_waves(
+        self, claimed: Sequence[Claimed]
+    ) -> dict[int, dict[str, Any] | BaseException]:
+        """Send a kiosk's first scan alone, then the rest of the batch concurrently.
+
+        Concurrent transactions that conditionally create the same new Device may
+        both create it, and every later ``ifNoneExist`` on it would then match two
+        (412). Once this process delivered a kiosk's Device, its scans go in
+        parallel; a kiosk whose first scan failed waits for the next pass.
+        """
+        # TODO: two API processes can still race on a kiosk's very first Device;
+        # servers that serialise conditional creates (HAPI's search-URL table) are
+        # immune.
+        first: dict[str, Claimed] = {}
+        for entry in claimed:
+            if entry.kiosk_id not in self._known_devices:
+                first.setdefault(entry.kiosk_id, entry)
+        results: dict[int, dict[str, Any] | BaseException] = {}
+        wave: list[Claimed] = list(first.values())
+        for final in (False, True):
+            done = await asyncio.gather(
+                *(self._deliver(e) for e in wave), return_exceptions=True
+            )
+            results.update(zip((e.id for e in wave), done, strict=True))
+            if final:
+                break
+            wave = [
+                e
+                for e in claimed
+                if e.id not in results and e.kiosk_id in self._known_devices
+            ]
+        return results
 
     async def _enqueue(self, now: datetime) -> None:
         limit = self.settings.batch_size * 10
@@ -798,6 +836,7 @@ class FhirRelay:
                 "observations": observations,
             }
             self.metrics.attempts.labels("delivered").inc()
+            self._known_devices.add(entry.kiosk_id)
             log.debug(
                 "%s delivered (%d observations, attempt %d)",
                 where,

@@ -548,6 +548,30 @@ def test_transient_failures_become_permanent_after_max_attempts(
         server.stop()
 
 
+def test_a_new_kiosks_first_scan_goes_alone(
+    relay_broker: BrokerEndpoint, sqlite_url: str, endpoint: FhirEndpoint
+) -> None:
+    # Concurrent conditional creates of one new Device could create it twice.
+    scans = Scans()
+    together = Batch()
+    for n in range(4):
+        batch = scans.scan("kiosk-new", f"s{n}")
+        together.readings += batch.readings
+        together.events += batch.events
+    endpoint.delay_seconds = 0.3
+    server = relay_api(relay_broker, sqlite_url, endpoint, request_timeout_seconds=5.0)
+    try:
+        write(sqlite_url, together)
+        assert wait_for(lambda: settled(server, 4))
+    finally:
+        server.stop()
+    assert_exactly_once(endpoint, scans)
+    first, *others = sorted(endpoint.requests, key=lambda r: r.at)
+    assert all(r.at - first.at >= 0.3 for r in others)
+    assert max(r.at for r in others) - min(r.at for r in others) < 0.3  # together
+    assert sum(1 for kind, _ in endpoint.stored if kind == "Device") == 1
+
+
 def test_the_queue_survives_an_api_restart(
     relay_broker: BrokerEndpoint, sqlite_url: str, endpoint: FhirEndpoint
 ) -> None:
