@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from operator import itemgetter
@@ -15,7 +15,6 @@ from sqlalchemy import (
     BigInteger,
     Connection,
     Engine,
-    Insert,
     bindparam,
     case,
     create_engine,
@@ -236,6 +235,21 @@ _PG_INSERT_READINGS = (
 )
 
 
+_SQLITE_INSERT_READINGS = (
+    "INSERT INTO readings (kiosk_id, seq, scan_id, metric, value, unit, quality,"
+    " final, measured_at, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (kiosk_id, seq) DO NOTHING"
+)
+
+
+def _sqlite_datetime(conn: Connection) -> Callable[[datetime], Any]:
+    """Return the function SQLAlchemy stores a timestamp column with on SQLite."""
+    column_type = ReadingRow.__table__.c.measured_at.type
+    process = column_type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+    assert process is not None
+    return process
+
+
 def _pg_columns(
     readings: Sequence[tuple[str, Reading]], now: datetime
 ) -> dict[str, Any]:
@@ -343,27 +357,7 @@ class Store:
             )
             keys = result.cursor.fetchall()  # plain tuples, without Row objects
         else:
-            rows = [
-                {
-                    "kiosk_id": kiosk_id,
-                    "seq": r.seq,
-                    "scan_id": r.scan_id,
-                    "metric": r.metric.value,
-                    "value": r.value,
-                    "unit": r.unit,
-                    "quality": r.quality,
-                    "final": r.final,
-                    "measured_at": r.measured_at,
-                    "received_at": now,
-                }
-                for kiosk_id, r in readings
-            ]
-            stmt: Insert = (
-                self._insert(ReadingRow)
-                .on_conflict_do_nothing(index_elements=["kiosk_id", "seq"])
-                .returning(ReadingRow.id, ReadingRow.kiosk_id, ReadingRow.seq)
-            )
-            keys = [tuple(row) for row in conn.execute(stmt, rows)]
+            keys = self._insert_readings_sqlite(conn, readings, now)
         sent = {(k, r.seq): r for k, r in readings}
         stored = []
         for row_id, kiosk_id, seq in sorted(keys, key=itemgetter(0)):
@@ -384,6 +378,46 @@ class Store:
                 )
             )
         return stored
+
+    @staticmethod
+    def _insert_readings_sqlite(
+        conn: Connection, readings: Sequence[tuple[str, Reading]], now: datetime
+    ) -> list[tuple[int, str, int]]:
+        """SQLite's fast path: one prepared statement run over all rows.
+
+        SQLite has no RETURNING for ``executemany``. It needs none: the write lock
+        is held from the first insert to the commit and rowids are handed out in
+        order, so the rows this call inserted are the last ``rowcount`` ids.
+        """
+        stamp = _sqlite_datetime(conn)
+        received = stamp(now)
+        result = conn.exec_driver_sql(
+            _SQLITE_INSERT_READINGS,
+            [
+                (
+                    kiosk_id,
+                    r.seq,
+                    r.scan_id,
+                    r.metric.value,
+                    r.value,
+                    r.unit,
+                    r.quality,
+                    r.final,
+                    stamp(r.measured_at),
+                    received,
+                )
+                for kiosk_id, r in readings
+            ],
+        )
+        inserted = result.rowcount
+        if inserted <= 0:
+            return []
+        last = conn.exec_driver_sql("SELECT last_insert_rowid()").scalar_one()
+        rows = conn.exec_driver_sql(
+            "SELECT id, kiosk_id, seq FROM readings WHERE id > ? AND id <= ?",
+            (last - inserted, last),
+        )
+        return [(row_id, kiosk_id, seq) for row_id, kiosk_id, seq in rows]
 
     @staticmethod
     def _redelivered(
