@@ -16,6 +16,8 @@ from api.security import RateLimitError, auditor, bearer, tokens
 
 OPEN_PATHS = frozenset({"/fhir/metadata"})
 _READ_METHODS = frozenset({"GET", "HEAD"})
+# POSTs that only read: a search, and fetching a subscription's missed events.
+_READ_ONLY_POSTS = ("/_search", "/$events")
 
 
 def required_scope(resource_type: str, method: str, path: str = "") -> str:
@@ -23,7 +25,7 @@ def required_scope(resource_type: str, method: str, path: str = "") -> str:
     # The audit trail is for administrators, not for every FHIR reader.
     if resource_type == "AuditEvent":
         return ADMIN
-    reads = method in _READ_METHODS or path.endswith("/_search")
+    reads = method in _READ_METHODS or path.endswith(_READ_ONLY_POSTS)
     access = "read" if reads else "write"
     return f"system/{resource_type}.{access}"
 

@@ -514,10 +514,18 @@ def test_scopes_and_ownership(env: Env) -> None:
         owner.delete(path)
 
     read_only = ("system/Subscription.read", "system/Observation.read")
-    with env.client(scopes=read_only) as c:
+    with env.client() as owner, env.client(scopes=read_only) as c:
         assert (
             c.post("/fhir/Subscription", json=subscription_body([])).status_code == 403
         )
+        # $events by POST only reads: the read scope is enough.
+        sub = create(owner, subscription_body([]))
+        response = c.post(
+            f"/fhir/Subscription/{sub['id']}/$events",
+            json={"resourceType": "Parameters", "parameter": []},
+        )
+        assert response.status_code == 200, response.text
+        owner.delete(f"/fhir/Subscription/{sub['id']}")
     # Without Observation.read only empty notifications may be asked for.
     no_obs = ("system/Subscription.read", "system/Subscription.write")
     with env.client("blind", no_obs) as c:

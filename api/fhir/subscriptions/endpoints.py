@@ -295,8 +295,6 @@ async def subscription_events(sub_id: str, request: Request) -> Response:
     return await _events(request, sub_id, [(n, v) for n, v in pairs if n != "_format"])
 
 
-# TODO: fhir_guard asks system/Subscription.write for this POST (it reads only);
-# teach the guard that $events is a read, then drop this note from the README.
 @router.post("/Subscription/{sub_id}/$events")
 async def subscription_events_post(sub_id: str, request: Request) -> Response:
     """``$events`` with a Parameters body."""
