@@ -7,13 +7,18 @@ the bridge + API as separate processes (as deployed), then times, over HTTP:
 - Observation search by LOINC code in a one-day window, oldest first, pages of 50;
 - Observation/$lastn for one patient (max 3);
 
-each beside the same query run bare through psycopg. Prints a table, then one line
-of JSON. Targets: page p50 <= 15 ms, $lastn p50 <= 25 ms, FHIR/SQL p50 <= 3x.
-It also times the facade in-process (parse, SQLAlchemy, mapping, JSON; no HTTP,
-no auth) against the same bare SQL, to show what the facade itself adds.
+each beside the same query run bare through psycopg, and beside that bare query
+served over the same HTTP stack (``/bench/sql/...``, added to the bench's server
+only: a sync handler, psycopg, orjson rows, no auth), which shows what HTTP, the
+framework and the client cost without FHIR. Every HTTP time includes decoding the
+JSON body. Prints a table, then one line of JSON. Targets: page p50 <= 15 ms,
+$lastn p50 <= 25 ms, FHIR/SQL p50 <= 3x. It also times the facade in-process
+(parse, SQLAlchemy, mapping, JSON; no HTTP, no auth) against the same bare SQL, to
+show what the facade itself adds.
 
     .venv/bin/python bench/fhir_search.py            # 1,000,000 readings
     .venv/bin/python bench/fhir_search.py --quick    # 100,000 readings, < 1 min
+    .venv/bin/python bench/fhir_search.py --database vitals_bench_1m  # load once
 """
 
 from __future__ import annotations
@@ -30,13 +35,14 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
+from fastapi import FastAPI
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -92,6 +98,14 @@ SQL_READ = (
     f"SELECT {COLUMNS} FROM readings r LEFT JOIN scans s "
     "ON s.kiosk_id = r.kiosk_id AND s.scan_id = r.scan_id WHERE r.id = %s"
 )
+# The bare queries by name, for the bench server's /bench/sql endpoint.
+BARE_SQL = {
+    "patient_first": SQL_PATIENT_FIRST,
+    "patient_next": SQL_PATIENT_NEXT,
+    "code_day": SQL_CODE,
+    "lastn": SQL_LASTN,
+    "read": SQL_READ,
+}
 
 
 def free_port() -> int:
@@ -108,12 +122,53 @@ def fresh_database() -> Iterator[tuple[str, str]]:
     name = f"vitals_bench_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    plain = f"{ADMIN_URL.rsplit('/', 1)[0]}/{name}"
     try:
-        yield plain.replace("postgresql://", "postgresql+psycopg://"), plain
+        yield urls(name)
     finally:
         with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def urls(name: str) -> tuple[str, str]:
+    """Return the (SQLAlchemy URL, psycopg URL) of database ``name``."""
+    plain = f"{ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    return plain.replace("postgresql://", "postgresql+psycopg://"), plain
+
+
+def kept_database(name: str, rows: int) -> tuple[str, str, list[str], float]:
+    """Reuse database ``name`` if a load of ``rows`` readings filled it, else load it.
+
+    Returns both URLs, the patients and the load time (0 when reused). The
+    database stays for the next run; drop it by hand when done.
+    """
+    sa_url, pg_url = urls(name)
+    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+        exists = admin.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
+        ).fetchone()
+        if exists:
+            with psycopg.connect(pg_url) as conn:
+                found = conn.execute(
+                    "SELECT to_regclass('readings') IS NOT NULL"
+                ).fetchone()
+                count = None
+                if found and found[0]:
+                    count = conn.execute("SELECT count(*) FROM readings").fetchone()
+            loaded = max(1, rows // READINGS_PER_SCAN) * READINGS_PER_SCAN
+            if count is not None and count[0] == loaded:
+                upgrade(sa_url)  # tables of migrations added since the load
+                with psycopg.connect(pg_url) as conn:
+                    refs = conn.execute(
+                        "SELECT DISTINCT patient_ref FROM scans "
+                        "WHERE patient_ref IS NOT NULL ORDER BY 1"
+                    ).fetchall()
+                return sa_url, pg_url, [r[0] for r in refs], 0.0
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    started = time.perf_counter()
+    upgrade(sa_url)
+    patients = load(pg_url, rows)
+    return sa_url, pg_url, patients, time.perf_counter() - started
 
 
 def load(url: str, rows: int) -> list[str]:
@@ -268,7 +323,30 @@ def serve() -> None:
             return None
 
         app.dependency_overrides[fhir_guard] = no_guard
+    add_bare_sql_route(app, settings.database_url.replace("+psycopg", ""))
     uvicorn.run(app, host="127.0.0.1", port=settings.http.port, log_level="warning")
+
+
+def add_bare_sql_route(app: FastAPI, pg_url: str) -> None:
+    """Serve the bare queries over the same HTTP stack, as JSON rows, unguarded.
+
+    The baseline that shows what HTTP, the framework and the client cost without
+    FHIR: a sync handler like the FHIR ones (same thread hop), psycopg, orjson.
+    """
+    import threading
+
+    import orjson
+    from starlette.responses import Response
+
+    local = threading.local()
+
+    @app.get("/bench/sql/{name}", include_in_schema=False)
+    def bare_sql(name: str, args: str) -> Response:
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = psycopg.connect(pg_url, autocommit=True)
+        rows = conn.execute(BARE_SQL[name], json.loads(args)).fetchall()
+        return Response(orjson.dumps(rows), media_type="application/json")
 
 
 def timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
@@ -283,10 +361,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def summary(fhir_ms: list[float], sql_ms: list[float]) -> dict[str, float]:
+def summary(
+    fhir_ms: list[float], sql_ms: list[float], http_sql_ms: list[float] | None = None
+) -> dict[str, float]:
     fhir_p50 = statistics.median(fhir_ms)
     sql_p50 = statistics.median(sql_ms)
-    return {
+    out = {
         "fhir_p50_ms": round(fhir_p50, 2),
         "fhir_p99_ms": round(percentile(fhir_ms, 0.99), 2),
         "sql_p50_ms": round(sql_p50, 3),
@@ -294,6 +374,11 @@ def summary(fhir_ms: list[float], sql_ms: list[float]) -> dict[str, float]:
         "ratio_p50": round(fhir_p50 / sql_p50, 1),
         "samples": len(fhir_ms),
     }
+    if http_sql_ms:
+        http_sql_p50 = statistics.median(http_sql_ms)
+        out["http_sql_p50_ms"] = round(http_sql_p50, 2)
+        out["ratio_to_http_sql_p50"] = round(fhir_p50 / http_sql_p50, 1)
+    return out
 
 
 def run(
@@ -301,11 +386,14 @@ def run(
 ) -> dict[str, dict[str, float]]:
     """Time every question ``n`` times over HTTP and over bare SQL."""
     rng = random.Random(11)
-    results: dict[str, tuple[list[float], list[float]]] = {
-        "search_patient_page": ([], []),
-        "search_code_day_page": ([], []),
-        "lastn_patient": ([], []),
-        "read_by_id": ([], []),
+    questions = (
+        "search_patient_page",
+        "search_code_day_page",
+        "lastn_patient",
+        "read_by_id",
+    )
+    results: dict[str, tuple[list[float], list[float], list[float]]] = {
+        name: ([], [], []) for name in questions
     }
 
     def get(url: str, params: Any = None) -> dict[str, Any]:
@@ -324,8 +412,11 @@ def run(
     def both(name: str, url: str, params: Any, query: str, args: Any) -> Any:
         ms, body = timed(get, url, params)
         results[name][0].append(ms)
-        ms, rows = timed(sql, query, args)
+        ms, rows = timed(sql, BARE_SQL[query], args)
         results[name][1].append(ms)
+        encoded = json.dumps(args, default=lambda d: d.isoformat())
+        ms, _ = timed(get, f"/bench/sql/{query}", {"args": encoded})
+        results[name][2].append(ms)
         return body, rows
 
     for _ in range(n):
@@ -336,14 +427,14 @@ def run(
             "search_patient_page",
             "/fhir/Observation",
             {"patient": patient, "_sort": "-date", "_count": str(PAGE)},
-            SQL_PATIENT_FIRST,
+            "patient_first",
             (patient, PAGE + 1),
         )
         nxt = next((x["url"] for x in page1["link"] if x["relation"] == "next"), None)
         if nxt is not None and len(rows) > PAGE:
             last = rows[PAGE - 1]
             key = (patient, last[9], last[0], PAGE + 1)
-            both("search_patient_page", nxt, None, SQL_PATIENT_NEXT, key)
+            both("search_patient_page", nxt, None, "patient_next", key)
 
         # One LOINC code within one day, oldest first.
         day = T0 + timedelta(seconds=rng.randrange(max(1, last_second)))
@@ -356,14 +447,14 @@ def run(
             ("_count", str(PAGE)),
         ]
         sql_args = ("heart_rate", day, day + timedelta(days=1), PAGE + 1)
-        both("search_code_day_page", "/fhir/Observation", params, SQL_CODE, sql_args)
+        both("search_code_day_page", "/fhir/Observation", params, "code_day", sql_args)
 
         # $lastn for one patient.
         both(
             "lastn_patient",
             "/fhir/Observation/$lastn",
             {"patient": patient, "max": str(LASTN_MAX)},
-            SQL_LASTN,
+            "lastn",
             (patient, LASTN_MAX),
         )
 
@@ -373,11 +464,11 @@ def run(
             "read_by_id",
             f"/fhir/Observation/{reading_id}",
             None,
-            SQL_READ,
+            "read",
             (reading_id,),
         )
 
-    return {name: summary(f, s) for name, (f, s) in results.items()}
+    return {name: summary(f, s, h) for name, (f, s, h) in results.items()}
 
 
 def measure(
@@ -419,7 +510,7 @@ def in_process(
         )
         rows = queries.search_observations(parsed).rows
         resources = [mapping.observation(r.reading, r.patient_ref) for r in rows]
-        return FhirResponse(resources).body
+        return bytes(FhirResponse(resources).body)
 
     def lastn(patient: str) -> bytes:
         parsed, max_n = search.parse_lastn(
@@ -427,7 +518,7 @@ def in_process(
         )
         rows, _ = queries.lastn(parsed, max_n)
         resources = [mapping.observation(r.reading, r.patient_ref) for r in rows]
-        return FhirResponse(resources).body
+        return bytes(FhirResponse(resources).body)
 
     with psycopg.connect(pg_url, autocommit=True) as db:
 
@@ -455,6 +546,8 @@ def in_process(
 
 def verdict(results: dict[str, dict[str, float]]) -> dict[str, bool]:
     """Check the targets on one set of results."""
+    # TODO: "ratio_le_3x" against bare psycopg cannot hold over HTTP here: the same
+    # query served over the same HTTP stack already takes ~4x (http_sql_p50_ms).
     page_p50 = max(
         results["search_patient_page"]["fhir_p50_ms"],
         results["search_code_day_page"]["fhir_p50_ms"],
@@ -473,6 +566,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="100k rows, < 1 min")
     parser.add_argument("--rows", type=int, help="readings to load")
     parser.add_argument("--iterations", type=int, help="timed rounds per question")
+    parser.add_argument(
+        "--database",
+        metavar="NAME",
+        help="keep the loaded data in database NAME and reuse it on the next run "
+        "with the same --rows (default: a fresh database, dropped afterwards)",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -481,12 +580,17 @@ def main() -> None:
     rows = args.rows or (100_000 if args.quick else 1_000_000)
     iterations = args.iterations or (40 if args.quick else 400)
 
-    with fresh_database() as (sa_url, pg_url):
-        started = time.perf_counter()
-        upgrade(sa_url)
-        patients = load(pg_url, rows)
-        load_seconds = time.perf_counter() - started
-        print(f"loaded {rows:,} readings in {load_seconds:.1f} s", file=sys.stderr)
+    with ExitStack() as stack:
+        if args.database:
+            sa_url, pg_url, patients, load_seconds = kept_database(args.database, rows)
+        else:
+            sa_url, pg_url = stack.enter_context(fresh_database())
+            started = time.perf_counter()
+            upgrade(sa_url)
+            patients = load(pg_url, rows)
+            load_seconds = time.perf_counter() - started
+        verb = "loaded" if load_seconds else "reused"
+        print(f"{verb} {rows:,} readings in {load_seconds:.1f} s", file=sys.stderr)
         runs = {
             "as_deployed": measure(sa_url, pg_url, patients, iterations, guarded=True),
             "without_auth_guard": measure(
@@ -498,12 +602,17 @@ def main() -> None:
     for label, results in (*runs.items(), ("in_process_no_http", without_http)):
         print(label, file=sys.stderr)
         for name, r in results.items():
-            print(
+            line = (
                 f"  {name:20} FHIR p50 {r['fhir_p50_ms']:6.2f} ms"
                 f"  p99 {r['fhir_p99_ms']:6.2f} ms | SQL p50 {r['sql_p50_ms']:6.3f} ms"
-                f" | ratio {r['ratio_p50']:5.1f}x",
-                file=sys.stderr,
+                f" | ratio {r['ratio_p50']:5.1f}x"
             )
+            if "http_sql_p50_ms" in r:
+                line += (
+                    f" | SQL over HTTP p50 {r['http_sql_p50_ms']:6.2f} ms"
+                    f" | ratio {r['ratio_to_http_sql_p50']:4.1f}x"
+                )
+            print(line, file=sys.stderr)
     print(
         json.dumps(
             {

