@@ -287,6 +287,14 @@ class Store:
         """Release pooled connections."""
         self.engine.dispose()
 
+    def progress_of(self, kiosk_id: str) -> int | None:
+        """Return the contiguous seq this store has committed for ``kiosk_id``.
+
+        ``None`` until this process has written for the kiosk.
+        """
+        progress = self._progress.get(kiosk_id)
+        return None if progress is None else progress.through
+
     # -- writes ---------------------------------------------------------------
 
     def write_batch(self, batch: Batch) -> BatchResult:
