@@ -117,9 +117,10 @@ def broker(kind: str, inflight: int = 1000) -> Iterator[Broker]:
     if kind == "mosquitto":
         workdir = Path(tempfile.mkdtemp(prefix="bench-mosq-"))
         conf = workdir / "mosquitto.conf"
-        # BENCH_MOSQUITTO_NODELAY=1 turns Nagle off for the broker's sockets.
+        # Nagle off, as broker_config/mosquitto.conf ships it;
+        # BENCH_MOSQUITTO_NODELAY=0 turns it back on (Mosquitto's own default).
         nodelay = (
-            "true" if os.environ.get("BENCH_MOSQUITTO_NODELAY") == "1" else "false"
+            "false" if os.environ.get("BENCH_MOSQUITTO_NODELAY") == "0" else "true"
         )
         conf.write_text(
             MOSQUITTO_CONF.format(port=port, inflight=inflight, nodelay=nodelay)
