@@ -33,10 +33,13 @@ class IngestSettings(BaseModel):
         default=500, ge=1, le=10_000, description="Most messages in one commit."
     )
     batch_max_wait_ms: float = Field(
-        default=2.0,
+        default=0.0,
         ge=0,
         le=5_000,
-        description="Longest a message waits for its batch to fill before commit.",
+        description=(
+            "Longest a batch waits for more messages after its first. 0 commits "
+            "what has arrived at once; batches still grow while a commit runs."
+        ),
     )
     kiosk_messages_per_second: float = Field(
         default=200.0,
