@@ -6,37 +6,27 @@ Mosquitto on 127.0.0.1:1883 and PostgreSQL on 127.0.0.1:5432 (database ``test``)
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support import (
     BrokerEndpoint,
-    EmbeddedBroker,
     ServerThread,
     bridge_settings,
+    embedded_amqtt,
+    fresh_postgres,
     tcp_reachable,
 )
 
-from bridge.broker import free_port
-
 MOSQUITTO = ("127.0.0.1", 1883)
-POSTGRES_ADMIN_URL = os.environ.get(
-    "VITALS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
-)
 
 
 @pytest.fixture
 def amqtt_broker() -> Iterator[BrokerEndpoint]:
     """An embedded amqtt broker on a free port, private to the test."""
-    broker = EmbeddedBroker(free_port())
-    broker.start()
-    try:
-        yield BrokerEndpoint("127.0.0.1", broker.port, "amqtt")
-    finally:
-        broker.stop()
+    with embedded_amqtt() as broker:
+        yield broker
 
 
 @pytest.fixture
@@ -63,25 +53,8 @@ def sqlite_url(tmp_path: Path) -> str:
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database, dropped afterwards."""
-    try:
-        import psycopg
-    except ImportError:
-        pytest.skip("psycopg not installed")
-    name = f"vitals_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError:
-        pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432 (database test)")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace(
-        "postgresql://", "postgresql+psycopg://"
-    )
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_postgres("vitals_test") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -11,11 +12,12 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from websockets.typing import Subprotocol
 
 from bridge.broker import DEFAULT_CONFIG, free_port, load_config
@@ -82,6 +84,50 @@ class EmbeddedBroker:
             self._loop.call_soon_threadsafe(self._stop.set)
         if self._thread is not None:
             self._thread.join(10)
+
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "VITALS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+@contextlib.contextmanager
+def embedded_amqtt() -> Iterator[BrokerEndpoint]:
+    """Run an embedded amqtt broker on a free port for the ``with`` block."""
+    broker = EmbeddedBroker(free_port())
+    broker.start()
+    try:
+        yield BrokerEndpoint("127.0.0.1", broker.port, "amqtt")
+    finally:
+        broker.stop()
+
+
+@contextlib.contextmanager
+def fresh_postgres(prefix: str) -> Iterator[str]:
+    """Create a PostgreSQL database for the ``with`` block; yield its URL.
+
+    Skips the calling test (with the reason) when psycopg is missing or the
+    server is unreachable, so the suite passes where PostgreSQL is absent.
+    """
+    try:
+        import psycopg
+    except ImportError:
+        pytest.skip("psycopg not installed")
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError:
+        pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432 (database test)")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace(
+        "postgresql://", "postgresql+psycopg://"
+    )
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class ServerThread:

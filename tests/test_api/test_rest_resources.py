@@ -9,7 +9,6 @@ does not matter.
 
 from __future__ import annotations
 
-import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -20,11 +19,16 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import BaseModel
-from support import BrokerEndpoint, EmbeddedBroker, ServerThread, bridge_settings
+from support import (
+    BrokerEndpoint,
+    ServerThread,
+    bridge_settings,
+    embedded_amqtt,
+    fresh_postgres,
+)
 
 from api.rest import KioskDetail, KioskLiveStatus, ReadingsPage
 from api.scans import ScanDetail, ScansPage
-from bridge.broker import free_port
 from bridge.store import Batch, DeadLetterIn, Store
 from vitals_contract import (
     METRICS,
@@ -36,9 +40,6 @@ from vitals_contract import (
     ScanState,
 )
 
-POSTGRES_ADMIN_URL = os.environ.get(
-    "VITALS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
-)
 READ = ("vitals.read",)
 PATIENT = ("vitals.read", "vitals.patient.read")
 INGEST = ("vitals.ingest", "vitals.read")
@@ -63,12 +64,8 @@ class Env:
 
 @pytest.fixture(scope="module")
 def rest_broker() -> Iterator[BrokerEndpoint]:
-    broker = EmbeddedBroker(free_port())
-    broker.start()
-    try:
-        yield BrokerEndpoint("127.0.0.1", broker.port, "amqtt")
-    finally:
-        broker.stop()
+    with embedded_amqtt() as broker:
+        yield broker
 
 
 @pytest.fixture(scope="module")
@@ -78,25 +75,8 @@ def rest_sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def rest_postgres_url() -> Iterator[str]:
-    try:
-        import psycopg
-    except ImportError:
-        pytest.skip("psycopg not installed")
-    name = f"vitals_rest_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError:
-        pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432 (database test)")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace(
-        "postgresql://", "postgresql+psycopg://"
-    )
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_postgres("vitals_rest") as url:
+        yield url
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])

@@ -6,8 +6,6 @@ so each test module shares one server per database; tests only read.
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,19 +16,16 @@ import httpx
 import pytest
 from support import (
     BrokerEndpoint,
-    EmbeddedBroker,
     ServerThread,
     bridge_settings,
+    embedded_amqtt,
+    fresh_postgres,
 )
 
 from api.fhir import mapping
-from bridge.broker import free_port
 from bridge.store import Batch, Store
 from vitals_contract import METRICS, Metric, Reading, ScanEvent, ScanState
 
-POSTGRES_ADMIN_URL = os.environ.get(
-    "VITALS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
-)
 T0 = datetime(2026, 11, 2, 8, 0, tzinfo=UTC)
 HASHED_PATIENT = "MRN 0042/x"  # not a FHIR id: gets a hashed Patient id
 HASHED_KIOSK = "k" + "_" * 40  # escapes to over 64 characters: a hashed Device id
@@ -200,12 +195,8 @@ def build_dataset() -> tuple[list[Batch], list[Expected]]:
 @pytest.fixture(scope="module")
 def fhir_broker() -> Iterator[BrokerEndpoint]:
     """An embedded amqtt broker on a free port, shared by the module."""
-    broker = EmbeddedBroker(free_port())
-    broker.start()
-    try:
-        yield BrokerEndpoint("127.0.0.1", broker.port, "amqtt")
-    finally:
-        broker.stop()
+    with embedded_amqtt() as broker:
+        yield broker
 
 
 @pytest.fixture(scope="module")
@@ -216,25 +207,8 @@ def fhir_sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def fhir_postgres_url() -> Iterator[str]:
-    try:
-        import psycopg
-    except ImportError:
-        pytest.skip("psycopg not installed")
-    name = f"vitals_fhir_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError:
-        pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432 (database test)")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace(
-        "postgresql://", "postgresql+psycopg://"
-    )
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_postgres("vitals_fhir") as url:
+        yield url
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])

@@ -31,9 +31,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from support import (
     BrokerEndpoint,
-    EmbeddedBroker,
     ServerThread,
     bridge_settings,
+    embedded_amqtt,
     wait_for,
 )
 
@@ -363,12 +363,8 @@ def write(url: str, *batches: Batch) -> None:
 
 @pytest.fixture(scope="module")
 def relay_broker() -> Iterator[BrokerEndpoint]:
-    broker = EmbeddedBroker(free_port())
-    broker.start()
-    try:
-        yield BrokerEndpoint("127.0.0.1", broker.port, "amqtt")
-    finally:
-        broker.stop()
+    with embedded_amqtt() as broker:
+        yield broker
 
 
 @pytest.fixture
