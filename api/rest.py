@@ -13,7 +13,15 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from api.auth import ACK, ADMIN, METRICS_READ, PATIENT_READ, READ, Principal
+from api.auth import (
+    ACK,
+    ADMIN,
+    METRICS_READ,
+    PATIENT_READ,
+    READ,
+    AuthError,
+    Principal,
+)
 from api.deps import BridgeDep
 from api.etag import NOT_MODIFIED, conditional_json
 from api.security import auditor, require
@@ -25,6 +33,7 @@ from vitals_contract import Metric, ScanState, is_valid_kiosk_id
 router = APIRouter()
 
 MAX_PAGE = 1000
+MAX_PATIENT_REF_CHARS = 128  # as the contract's ScanEvent.patient_ref
 # The kiosk detail counts readings and dead letters of this recent window.
 COUNT_WINDOW = timedelta(hours=24)
 # The status looks for each metric's latest value this far before the newest one.
@@ -332,6 +341,13 @@ def list_readings(
         list[str] | None, Query(description="Repeat to select several kiosks.")
     ] = None,
     metric: Annotated[list[Metric] | None, Query()] = None,
+    patient: Annotated[
+        list[str] | None,
+        Query(
+            description="Readings of scans bound to this patient reference; "
+            "needs scope vitals.patient.read."
+        ),
+    ] = None,
     since: Annotated[
         AwareDatetime | None, Query(description="measured_at >= since")
     ] = None,
@@ -347,6 +363,10 @@ def list_readings(
     for k in kiosk_id or ():
         if not is_valid_kiosk_id(k):
             raise HTTPException(422, "invalid kiosk_id")
+    if any(len(p) > MAX_PATIENT_REF_CHARS for p in patient or ()):
+        raise HTTPException(422, "patient reference too long")
+    if patient and not principal.allows(PATIENT_READ):
+        raise AuthError(403, "insufficient_scope", f"requires scope {PATIENT_READ}")
     try:
         rows = bridge.store.readings(
             kiosk_ids=kiosk_id,
@@ -355,6 +375,7 @@ def list_readings(
             since=utc(since) if since else None,
             until=utc(until) if until else None,
             after_id=int(cursor) if cursor else None,
+            patient_refs=patient,
             limit=limit + 1,  # one more tells whether more are waiting
         )
     except StoreError as exc:

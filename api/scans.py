@@ -22,7 +22,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict
 
 from api.auth import PATIENT_READ, READ, AuthError, Principal
 from api.etag import NOT_MODIFIED, conditional_json
-from api.rest import MAX_PAGE, ReadsDep, audit_read
+from api.rest import MAX_PAGE, MAX_PATIENT_REF_CHARS, ReadsDep, audit_read
 from api.security import require
 from bridge.errors import StoreError
 from bridge.store.db import utc
@@ -33,7 +33,6 @@ router = APIRouter(tags=["scans"])
 
 MAX_SCAN_READINGS = 5000
 MAX_CURSOR_CHARS = 400
-MAX_PATIENT_REF_CHARS = 128  # as the contract's ScanEvent.patient_ref
 _SCAN_ID_CHARS = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
 )

@@ -625,10 +625,20 @@ class Store:
         since: datetime | None = None,
         until: datetime | None = None,
         after_id: int | None = None,
+        patient_refs: Sequence[str] | None = None,
         limit: int = 100,
     ) -> list[StoredReading]:
-        """Return stored readings in store order (ascending ``id``)."""
+        """Return stored readings in store order (ascending ``id``).
+
+        ``patient_refs`` keeps readings of scans bound to one of those patients.
+        """
         query = select(*_READING_COLUMNS).order_by(ReadingRow.id).limit(limit)
+        if patient_refs:
+            query = query.join(
+                Scan,
+                (Scan.kiosk_id == ReadingRow.kiosk_id)
+                & (Scan.scan_id == ReadingRow.scan_id),
+            ).where(Scan.patient_ref.in_(patient_refs))
         if kiosk_ids:
             query = query.where(ReadingRow.kiosk_id.in_(kiosk_ids))
         if metrics:

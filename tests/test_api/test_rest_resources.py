@@ -450,6 +450,22 @@ def test_scan_list_filters_and_patient_scope(env: Env) -> None:
         assert response.json()["error"]["code"] == "invalid_request"
 
 
+def test_readings_by_patient_need_the_scope(env: Env) -> None:
+    sk = scanned_kiosk(env)
+    k = sk.kiosk.kiosk_id
+    params = {"kiosk_id": k, "patient": PATIENT_REF, "limit": 1000}
+    refused = env.read.get("/api/v1/readings", params=params)
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "insufficient_scope"
+    page = ok(env.patient.get("/api/v1/readings", params=params))
+    # The scan bound to the patient, not the loose reading after it.
+    assert [r["seq"] for r in page["items"]] == [r.seq for r in sk.scan_readings]
+    other = ok(env.patient.get("/api/v1/readings", params={**params, "patient": "x"}))
+    assert other["items"] == []
+    too_long = env.patient.get("/api/v1/readings", params={"patient": "p" * 129})
+    assert too_long.status_code == 422
+
+
 @pytest.mark.parametrize("limit", [1, 4, 7, 100])
 def test_scan_pages_lose_and_double_nothing(env: Env, limit: int) -> None:
     k = Kiosk()
