@@ -25,7 +25,9 @@ def required_scope(resource_type: str, method: str, path: str = "") -> str:
     # The audit trail is for administrators, not for every FHIR reader.
     if resource_type == "AuditEvent":
         return ADMIN
-    reads = method in _READ_METHODS or path.endswith(_READ_ONLY_POSTS)
+    reads = method in _READ_METHODS or (
+        method == "POST" and path.endswith(_READ_ONLY_POSTS)
+    )
     access = "read" if reads else "write"
     return f"system/{resource_type}.{access}"
 

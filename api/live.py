@@ -201,8 +201,12 @@ async def _stream(ws: WebSocket, client: HubClient, session: _Session) -> None:
     finally:
         for task in tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
-                await task
+        # Every task is awaited, whatever one of them raised on the way out.
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(outcome, Exception) and not isinstance(
+                outcome, WebSocketDisconnect
+            ):
+                log.debug("ws[%d] task ended with %r", client.number, outcome)
 
 
 async def _send_queued(ws: WebSocket, client: HubClient) -> None:

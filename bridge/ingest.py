@@ -362,7 +362,13 @@ class Ingest:
             pending.leaves[parsed.leaf.value if parsed else "other"] += 1
             if parsed is not None and self._over_rate(parsed.kiosk_id):
                 continue
-            add_parsed(pending.batch, parsed, d.topic, d.payload)
+            try:
+                add_parsed(pending.batch, parsed, d.topic, d.payload)
+            except Exception:  # a bug in validation must not ack a message unkept
+                log.exception("validating a message on %s failed", d.topic)
+                pending.batch.dead.append(
+                    DeadLetterIn(d.topic, "internal validation error", d.payload)
+                )
         if pending.deliveries:
             self._batch_ready.set()
             if len(pending.deliveries) >= limit:

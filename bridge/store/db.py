@@ -49,7 +49,9 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 
 def make_engine(url: str) -> Engine:
     """Create an engine; SQLite files get WAL, ``synchronous=NORMAL`` and a timeout."""
-    engine = create_engine(url, pool_pre_ping=True)
+    # hide_parameters: a database error's message must not carry row values
+    # (readings, patient references) into the logs.
+    engine = create_engine(url, pool_pre_ping=True, hide_parameters=True)
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
@@ -359,6 +361,13 @@ class Store:
     ) -> list[StoredReading]:
         if not readings:
             return []
+        # One row per key, the first as the database would keep it: what is
+        # reported as stored must be what was stored.
+        sent: dict[tuple[str, int], Reading] = {}
+        for k, r in readings:
+            sent.setdefault((k, r.seq), r)
+        if len(sent) < len(readings):
+            readings = [(k, r) for (k, _), r in sent.items()]
         if conn.dialect.name == "postgresql":
             result = conn.exec_driver_sql(
                 _PG_INSERT_READINGS, _pg_columns(readings, now)
@@ -366,7 +375,6 @@ class Store:
             keys = result.cursor.fetchall()  # plain tuples, without Row objects
         else:
             keys = self._insert_readings_sqlite(conn, readings, now)
-        sent = {(k, r.seq): r for k, r in readings}
         stored = []
         for row_id, kiosk_id, seq in sorted(keys, key=itemgetter(0)):
             r = sent[kiosk_id, seq]

@@ -136,6 +136,22 @@ def test_scan_events_build_the_scan_record(store: Store) -> None:
     assert kiosk.committed_through == 2
 
 
+def test_a_key_twice_in_one_batch_reports_what_was_stored(store: Store) -> None:
+    result = store.write_batch(
+        Batch(
+            readings=[
+                ("k1", make_reading(5, value=60.0)),
+                ("k1", make_reading(5, value=99.0)),  # same key, other value
+                ("k1", make_reading(6)),
+            ]
+        )
+    )
+    assert [(r.seq, r.value) for r in result.new_readings] == [(5, 60.0), (6, 72.0)]
+    assert result.duplicates == 1
+    [stored] = store.readings(kiosk_ids=["k1"], limit=1)
+    assert (stored.id, stored.value) == (result.new_readings[0].id, 60.0)
+
+
 def test_a_late_older_scan_event_does_not_undo_a_newer_one(store: Store) -> None:
     def event(seq: int, state: ScanState, patient: str | None = None) -> ScanEvent:
         return ScanEvent(
