@@ -534,6 +534,13 @@ def test_scopes_and_ownership(env: Env) -> None:
         assert response.json()["resourceType"] == "OperationOutcome"
         sub = create(c, subscription_body([], "empty"))
         c.delete(f"/fhir/Subscription/{sub['id']}")
+        # Not even empty notifications about a named patient: they tell when.
+        response = c.post(
+            "/fhir/Subscription",
+            json=subscription_body(["Observation?patient=Patient/p-1"], "empty"),
+        )
+        assert response.status_code == 403
+        assert response.json()["resourceType"] == "OperationOutcome"
 
     # The owner's later token without Observation.read sees no Observation ids.
     k = kiosk()
@@ -551,6 +558,11 @@ def test_scopes_and_ownership(env: Env) -> None:
             assert "topic" not in status_of(recv_bundle(ws))
             upload(c, k, range(1, 2))
             assert status_of(recv_bundle(ws))["events"] == [(2, None)]
+        c.delete(f"/fhir/Subscription/{sub['id']}")
+        # A patient filter: that later token may not even bind.
+        sub = create(c, subscription_body(["Observation?patient=Patient/p-1"]))
+        token = blind.get(f"/fhir/Subscription/{sub['id']}/$get-ws-binding-token")
+        assert token.status_code == 403
         c.delete(f"/fhir/Subscription/{sub['id']}")
 
 

@@ -73,6 +73,23 @@ async def _owned(request: Request, sub_id: str) -> tuple[SubscriptionRecord, Pri
     return record, principal
 
 
+def _require_reader_for_patient_filter(
+    filters: list[str], principal: Principal
+) -> None:
+    """Refuse a patient filter to a caller who may not read Observations.
+
+    Even empty notifications tell when a named patient was measured.
+    """
+    if criteria.parse_filter(filters).patients is not None and not principal.allows(
+        OBSERVATION_READ
+    ):
+        raise FhirError(
+            403,
+            "forbidden",
+            f"a patient filter needs scope {OBSERVATION_READ}",
+        )
+
+
 async def _body(request: Request) -> bytes:
     body = await request.body()
     if len(body) > MAX_BODY_BYTES:
@@ -103,6 +120,7 @@ async def create_subscription(request: Request) -> Response:
             f"{parsed.content.value} notifications need scope {OBSERVATION_READ}; "
             "ask for empty content",
         )
+    _require_reader_for_patient_filter(parsed.filters, principal)
 
     record = await asyncio.to_thread(
         service.store.create,
@@ -310,7 +328,8 @@ async def subscription_events_post(sub_id: str, request: Request) -> Response:
 async def get_ws_binding_token(sub_id: str, request: Request) -> Response:
     """Issue a single-use, short-lived token that binds a socket to the Subscription."""
     _checked(request, request.query_params.multi_items(), ("_format",))
-    _, principal = await _owned(request, sub_id)
+    record, principal = await _owned(request, sub_id)
+    _require_reader_for_patient_filter(record.filters, principal)
     service = _service(request)
     now = now_utc()
     expires_at = now + timedelta(seconds=service.settings.binding_token_ttl_seconds)
