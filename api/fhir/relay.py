@@ -209,7 +209,9 @@ def _issue_codes(response: httpx.Response) -> str:
     """Name the OperationOutcome issue codes of ``response``, never diagnostics."""
     try:
         body = response.json()
-        issues = body.get("issue", []) if isinstance(body, dict) else []
+        issues = body.get("issue") if isinstance(body, dict) else None
+        if not isinstance(issues, list):
+            issues = []
         codes = sorted({str(i.get("code")) for i in issues if isinstance(i, dict)})
     except ValueError:
         return ""
@@ -239,6 +241,8 @@ def _check_transaction_response(response: httpx.Response, sent: int) -> Outcome:
             "failed", status, f"HTTP {status} without a transaction-response"
         )
     entries = body.get("entry") or []
+    if not isinstance(entries, list):
+        return Outcome("failed", status, f"HTTP {status} with a malformed entry list")
     if len(entries) != sent:
         return Outcome(
             "failed",
@@ -246,7 +250,8 @@ def _check_transaction_response(response: httpx.Response, sent: int) -> Outcome:
             f"transaction-response has {len(entries)} of {sent} entries",
         )
     for n, entry in enumerate(entries):
-        entry_status = str((entry.get("response") or {}).get("status", ""))
+        answer = entry.get("response") if isinstance(entry, dict) else None
+        entry_status = str(answer.get("status", "")) if isinstance(answer, dict) else ""
         if not entry_status.startswith("2"):
             return Outcome(
                 "failed", status, f"entry {n} answered {entry_status[:40]!r}"

@@ -761,6 +761,11 @@ def transaction_response(*statuses: str) -> dict[str, Any]:
         (response(412, outcome("duplicate", PATIENT)), "failed"),
         (response(422), "failed"),
         (response(302), "failed"),
+        # Malformed answers fail cleanly instead of raising.
+        (response(200, {"type": "transaction-response", "entry": ["x", 1]}), "failed"),
+        (response(200, {"type": "transaction-response", "entry": 5}), "failed"),
+        (response(500, {"resourceType": "OperationOutcome", "issue": 5}), "retry"),
+        (response(400, {"issue": [1, {"code": "invalid"}]}), "failed"),
     ],
 )
 def test_answers_are_classified(answer: httpx.Response, kind: str) -> None:
