@@ -24,6 +24,9 @@ CLOSE_SLOW_CONSUMER = 4008
 CLOSE_BAD_REQUEST = 4400
 
 
+Listener = tuple[Callable[[list[dict[str, Any]]], None], Callable[[], bool] | None]
+
+
 @dataclass(slots=True)
 class Subscription:
     """What a client wants; ``None`` means everything."""
@@ -80,7 +83,7 @@ class Hub:
         self._by_kiosk: dict[str, set[HubClient]] = {}
         self._all_kiosks: set[HubClient] = set()
         self._numbers = itertools.count(1)
-        self._listeners: list[Callable[[list[dict[str, Any]]], None]] = []
+        self._listeners: list[Listener] = []
         self.delivered = 0
         self.dropped_clients = 0
 
@@ -90,7 +93,9 @@ class Hub:
     @property
     def idle(self) -> bool:
         """Tell whether nobody would receive a published message."""
-        return not self._clients and not self._listeners
+        return not self._clients and not any(
+            wanted is None or wanted() for _, wanted in self._listeners
+        )
 
     def register(self) -> HubClient:
         """Add a client; it receives nothing until it subscribes."""
@@ -132,14 +137,20 @@ class Hub:
         self._remove(client)
         log.info("ws client %d left (%d connected)", client.number, len(self))
 
-    def add_listener(self, listener: Callable[[list[dict[str, Any]]], None]) -> None:
+    def add_listener(
+        self,
+        listener: Callable[[list[dict[str, Any]]], None],
+        wanted: Callable[[], bool] | None = None,
+    ) -> None:
         """Call ``listener`` on the event loop with every batch of messages published.
 
         For in-process consumers other than WebSocket clients (FHIR subscriptions):
         a listener must return quickly and must not raise; it gets the messages
-        before they are encoded and must not change them.
+        before they are encoded and must not change them. ``wanted`` says whether
+        it listens at all right now; while nobody does, publishers may skip
+        building messages (see :attr:`idle`).
         """
-        self._listeners.append(listener)
+        self._listeners.append((listener, wanted))
 
     def publish_readings(self, readings: Iterable[StoredReading]) -> None:
         """Offer each reading to every subscribed client that wants it."""
@@ -154,7 +165,9 @@ class Hub:
 
         Each message is encoded to JSON once, however many clients receive it.
         """
-        for listener in self._listeners:
+        for listener, wanted in self._listeners:
+            if wanted is not None and not wanted():
+                continue
             try:
                 listener(messages)
             except Exception:

@@ -95,3 +95,17 @@ def test_a_dropped_client_leaves_the_index() -> None:
         assert slow.queue.qsize() == 1
 
     asyncio.run(run())
+
+
+def test_a_listener_hears_only_while_it_wants_to() -> None:
+    heard: list[list[dict[str, str]]] = []
+    wanting = [False]
+    hub = Hub(queue_size=10)
+    hub.add_listener(heard.append, wanted=lambda: wanting[0])
+    assert hub.idle
+    hub.publish_messages([{"type": "status", "kiosk_id": "k1"}])
+    assert heard == []
+    wanting[0] = True
+    assert not hub.idle
+    hub.publish_messages([{"type": "status", "kiosk_id": "k2"}])
+    assert heard == [[{"type": "status", "kiosk_id": "k2"}]]

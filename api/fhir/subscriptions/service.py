@@ -354,6 +354,10 @@ class SubscriptionService:
         self._generation += 1
         self._index(r for r in self._records.values() if r.id != sub_id)
 
+    def listening(self) -> bool:
+        """Tell whether any Subscription could match a reading now."""
+        return bool(self._filters)
+
     def on_messages(self, messages: list[dict[str, Any]]) -> None:
         """Hub listener: queue readings that pass a device and code filter."""
         if not self._filters:
@@ -543,7 +547,7 @@ async def lifespan(app: Any) -> AsyncIterator[None]:
     # service.stop() below while the bridge still runs, are not numbered: the
     # router lifespan nests inside the app's. Register before the bridge starts
     # and number the remainder after it stops.
-    bridge.hub.add_listener(service.on_messages)
+    bridge.hub.add_listener(service.on_messages, wanted=service.listening)
     try:
         yield
     finally:
