@@ -50,6 +50,10 @@ class Scan(Base):
     """One face scan on one kiosk, optionally bound to a patient."""
 
     __tablename__ = "scans"
+    __table_args__ = (
+        # Pages of the scans list (migration 0008).
+        Index("ix_scans_started", "started_at", "kiosk_id", "scan_id"),
+    )
 
     kiosk_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     scan_id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -64,7 +68,10 @@ class ScanEventRow(Base):
     """A scan state change as the kiosk sent it."""
 
     __tablename__ = "scan_events"
-    __table_args__ = (UniqueConstraint("kiosk_id", "seq", name="uq_scan_events_seq"),)
+    __table_args__ = (
+        UniqueConstraint("kiosk_id", "seq", name="uq_scan_events_seq"),
+        Index("ix_scan_events_scan", "kiosk_id", "scan_id"),  # migration 0008
+    )
 
     id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
     kiosk_id: Mapped[str] = mapped_column(String(64))

@@ -263,8 +263,6 @@ class Reads:
     ) -> list[ScanRecord]:
         """Return scans in ``(started_at, kiosk_id, scan_id)`` order, filtered."""
         position = tuple_(_s.c.started_at, _s.c.kiosk_id, _s.c.scan_id)
-        # TODO: index scans (started_at, kiosk_id, scan_id) in a migration; until then
-        # a page without a kiosk filter sorts the scans table.
         query = select(_s).order_by(*position.clauses).limit(limit)
         if kiosk_ids:
             query = query.where(_s.c.kiosk_id.in_(kiosk_ids))
@@ -304,8 +302,6 @@ class Reads:
 
     def scan_events(self, kiosk_id: str, scan_id: str) -> list[ScanEventRecord]:
         """Return one scan's state changes in the kiosk's order."""
-        # TODO: index scan_events (kiosk_id, scan_id) in a migration; the (kiosk_id,
-        # seq) index narrows this to the kiosk's events only.
         query = (
             select(_e)
             .where(_e.c.kiosk_id == kiosk_id, _e.c.scan_id == scan_id)
