@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from bridge.store import StoredReading
 
@@ -180,7 +181,7 @@ class Hub:
             targets.update(self._by_kiosk.get(kiosk_id, ()))
         if not targets:
             return
-        outgoing = [Outgoing(m, json.dumps(m, separators=(",", ":"))) for m in messages]
+        outgoing = [Outgoing(m, orjson.dumps(m).decode()) for m in messages]
         # In publish order for every client: a client resumes from the last id
         # it saw, so it must never see a later id before an earlier one.
         for client in targets:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -29,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
@@ -595,14 +595,14 @@ class Ingest:
         for m in messages:
             by_kiosk.setdefault(str(m["kiosk_id"]), []).append(m)
         for kiosk_id, chunk in by_kiosk.items():
-            payload = json.dumps(chunk, separators=(",", ":")).encode()
+            payload = orjson.dumps(chunk)
             self._client.publish(f"{root}/{LIVE_LEVEL}/{kiosk_id}", payload, qos=1)
 
     def _on_live(self, payload: bytes) -> None:
         """Feed this bridge's clients from another bridge's commit."""
         try:
-            messages = json.loads(payload)
-        except ValueError:
+            messages = orjson.loads(payload)
+        except orjson.JSONDecodeError:
             log.warning("ignored a malformed live message (%d bytes)", len(payload))
             return
         if not isinstance(messages, list):
