@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import AuthError
 from api.security import RateLimitError
+from bridge.errors import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,14 @@ def install(app: FastAPI) -> None:
             "too many requests",
             headers={"Retry-After": retry},
         )
+
+    @app.exception_handler(StoreError)
+    async def _store(request: Request, exc: StoreError) -> JSONResponse:
+        # The route template, never the URL: paths and queries may name a patient.
+        route = request.scope.get("route")
+        where = getattr(route, "path", "?")
+        log.warning("%s %s: %s", request.method, where, exc)
+        return _respond(request, 503, "unavailable", "database unavailable")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

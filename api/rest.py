@@ -180,10 +180,7 @@ def dashboard_config(bridge: BridgeDep, _p: ReadDep) -> dict[str, Any]:
 )
 def list_kiosks(request: Request, bridge: BridgeDep, _p: ReadDep) -> Response:
     """List known kiosks with their state and delivery mark."""
-    try:
-        return conditional_json(request, bridge.store.kiosks())
-    except StoreError as exc:
-        raise HTTPException(503, "database unavailable") from exc
+    return conditional_json(request, bridge.store.kiosks())
 
 
 def reads(bridge: BridgeDep) -> Reads:
@@ -227,16 +224,13 @@ def read_kiosk(
 ) -> Response:
     """Describe one kiosk: state, delivery mark and counts of its recent activity."""
     now = datetime.now(UTC)
-    try:
-        kiosk = store.kiosk(kiosk_id)
-        if kiosk is None:
-            raise HTTPException(404, "no such kiosk")
-        counts = store.kiosk_counts(kiosk_id, since=now - COUNT_WINDOW)
-        open_alerts = bridge.alert_store.list(
-            open_only=True, kiosk_id=kiosk_id, limit=len(Metric)
-        )
-    except StoreError as exc:
-        raise HTTPException(503, "database unavailable") from exc
+    kiosk = store.kiosk(kiosk_id)
+    if kiosk is None:
+        raise HTTPException(404, "no such kiosk")
+    counts = store.kiosk_counts(kiosk_id, since=now - COUNT_WINDOW)
+    open_alerts = bridge.alert_store.list(
+        open_only=True, kiosk_id=kiosk_id, limit=len(Metric)
+    )
     last = counts.last_reading
     body = kiosk.to_json() | {
         # Where and when, not what: values are patient-linked (see /status).
@@ -283,17 +277,14 @@ def kiosk_status(
     now = datetime.now(UTC)
     # TODO: read these in one snapshot; separate statements can straddle a commit
     # (the answer and its ETag still agree, and the next poll catches up).
-    try:
-        kiosk = store.kiosk(kiosk_id)
-        if kiosk is None:
-            raise HTTPException(404, "no such kiosk")
-        latest = store.latest_readings(kiosk_id, LATEST_LOOKBACK)
-        scan = store.latest_scan(kiosk_id)
-        alerts = bridge.alert_store.list(
-            open_only=True, kiosk_id=kiosk_id, limit=len(Metric)
-        )
-    except StoreError as exc:
-        raise HTTPException(503, "database unavailable") from exc
+    kiosk = store.kiosk(kiosk_id)
+    if kiosk is None:
+        raise HTTPException(404, "no such kiosk")
+    latest = store.latest_readings(kiosk_id, LATEST_LOOKBACK)
+    scan = store.latest_scan(kiosk_id)
+    alerts = bridge.alert_store.list(
+        open_only=True, kiosk_id=kiosk_id, limit=len(Metric)
+    )
     with_patient = principal.allows(PATIENT_READ)
     audit_read(
         request, principal, f"kiosk:{kiosk_id}/status", with_patient=with_patient
@@ -367,19 +358,16 @@ def list_readings(
         raise HTTPException(422, "patient reference too long")
     if patient and not principal.allows(PATIENT_READ):
         raise AuthError(403, "insufficient_scope", f"requires scope {PATIENT_READ}")
-    try:
-        rows = bridge.store.readings(
-            kiosk_ids=kiosk_id,
-            metrics=[m.value for m in metric] if metric else None,
-            # SQLite compares wall-clock text: bounds must be UTC like the rows.
-            since=utc(since) if since else None,
-            until=utc(until) if until else None,
-            after_id=int(cursor) if cursor else None,
-            patient_refs=patient,
-            limit=limit + 1,  # one more tells whether more are waiting
-        )
-    except StoreError as exc:
-        raise HTTPException(503, "database unavailable") from exc
+    rows = bridge.store.readings(
+        kiosk_ids=kiosk_id,
+        metrics=[m.value for m in metric] if metric else None,
+        # SQLite compares wall-clock text: bounds must be UTC like the rows.
+        since=utc(since) if since else None,
+        until=utc(until) if until else None,
+        after_id=int(cursor) if cursor else None,
+        patient_refs=patient,
+        limit=limit + 1,  # one more tells whether more are waiting
+    )
     auditor(request).record(
         principal.subject, "read", f"readings?{request.url.query}"[:256]
     )
@@ -402,13 +390,9 @@ def list_alerts(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
 ) -> list[dict[str, Any]]:
     """List alerts, newest first; ``open=true`` for episodes not yet cleared."""
-    try:
-        return [
-            a.to_json()
-            for a in bridge.alert_store.list(open_only=open_only, limit=limit)
-        ]
-    except StoreError as exc:
-        raise HTTPException(503, "database unavailable") from exc
+    return [
+        a.to_json() for a in bridge.alert_store.list(open_only=open_only, limit=limit)
+    ]
 
 
 @router.post("/api/v1/alerts/{alert_id}/ack", tags=["alerts"])
@@ -419,11 +403,8 @@ async def acknowledge_alert(
     principal: Annotated[Principal, Depends(require(ACK))],
 ) -> dict[str, Any]:
     """Acknowledge an alert; it stays open until the values come back in range."""
-    try:
-        record = await bridge.acknowledge_alert(alert_id, actor=principal.subject)
-        await auditor(request).arecord(principal.subject, "ack", f"alert:{alert_id}")
-    except StoreError as exc:
-        raise HTTPException(503, "database unavailable") from exc
+    record = await bridge.acknowledge_alert(alert_id, actor=principal.subject)
+    await auditor(request).arecord(principal.subject, "ack", f"alert:{alert_id}")
     if record is None:
         raise HTTPException(404, "no such alert")
     return record.to_json()

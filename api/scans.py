@@ -24,7 +24,6 @@ from api.auth import PATIENT_READ, READ, AuthError, Principal
 from api.etag import NOT_MODIFIED, conditional_json
 from api.rest import MAX_PAGE, MAX_PATIENT_REF_CHARS, ReadsDep, audit_read
 from api.security import require
-from bridge.errors import StoreError
 from bridge.store.db import utc
 from bridge.store.reads import ScanKey
 from vitals_contract import ScanState, is_valid_kiosk_id
@@ -146,18 +145,15 @@ def list_scans(
     except ValueError as exc:
         raise HTTPException(422, "invalid cursor") from exc
 
-    try:
-        rows = store.scans(
-            kiosk_ids=kiosk_id,
-            patient_refs=patient,
-            states=[s.value for s in state] if state else None,
-            since=since,
-            until=until,
-            after=after,
-            limit=limit + 1,  # one more tells whether more are waiting
-        )
-    except StoreError as exc:
-        raise HTTPException(503, "database unavailable") from exc
+    rows = store.scans(
+        kiosk_ids=kiosk_id,
+        patient_refs=patient,
+        states=[s.value for s in state] if state else None,
+        since=since,
+        until=until,
+        after=after,
+        limit=limit + 1,  # one more tells whether more are waiting
+    )
     audit_read(
         request,
         principal,
@@ -190,14 +186,11 @@ def read_scan(
     """Return one scan with its readings and its state changes."""
     if not is_valid_kiosk_id(kiosk_id) or not _valid_scan_id(scan_id):
         raise HTTPException(404, "no such scan")
-    try:
-        scan = store.scan(kiosk_id, scan_id)
-        if scan is None:
-            raise HTTPException(404, "no such scan")
-        readings = store.scan_readings(kiosk_id, scan_id, MAX_SCAN_READINGS + 1)
-        events = store.scan_events(kiosk_id, scan_id)
-    except StoreError as exc:
-        raise HTTPException(503, "database unavailable") from exc
+    scan = store.scan(kiosk_id, scan_id)
+    if scan is None:
+        raise HTTPException(404, "no such scan")
+    readings = store.scan_readings(kiosk_id, scan_id, MAX_SCAN_READINGS + 1)
+    events = store.scan_events(kiosk_id, scan_id)
     with_patient = principal.allows(PATIENT_READ)
     audit_read(
         request, principal, f"scan:{kiosk_id}/{scan_id}", with_patient=with_patient

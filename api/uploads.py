@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from api.auth import INGEST, Principal
 from api.deps import BridgeDep
 from api.security import auditor, require
-from bridge.errors import StoreError
 from bridge.store import Batch
 from vitals_contract import Reading, ScanEvent, ScanState, is_valid_kiosk_id
 from vitals_contract.messages import KioskId, ScanId, Seq, UtcDatetime
@@ -133,10 +132,7 @@ async def upload_scan(
 async def _commit(bridge: Any, batch: Batch) -> set[tuple[str, int]]:
     if not batch.readings and not batch.events:
         return set()
-    try:
-        result = await bridge.ingest.commit_from_http(batch)
-    except StoreError as exc:
-        raise HTTPException(503, "database unavailable") from exc
+    result = await bridge.ingest.commit_from_http(batch)
     return {(r.kiosk_id, r.seq) for r in result.new_readings}
 
 

@@ -927,13 +927,10 @@ def list_relay(
 ) -> RelayPage:
     """List outbound FHIR relay entries with the counts per state."""
     queue = RelayQueue(bridge.store.engine)
-    try:
-        items = queue.entries(
-            state or [PENDING, FAILED], int(cursor) if cursor else None, limit
-        )
-        counts = queue.counts()
-    except StoreError as exc:
-        raise HTTPException(503, "database unavailable") from exc
+    items = queue.entries(
+        state or [PENDING, FAILED], int(cursor) if cursor else None, limit
+    )
+    counts = queue.counts()
     next_cursor = str(items[-1].id) if len(items) == limit else None
     return RelayPage(
         counts=counts, items=[_entry_out(e) for e in items], next_cursor=next_cursor
@@ -946,10 +943,7 @@ def retry_relay(
 ) -> RelayEntryOut:
     """Send a failed entry again now (a pending one becomes due now)."""
     queue = RelayQueue(bridge.store.engine)
-    try:
-        entry = queue.retry(entry_id, datetime.now(UTC))
-    except StoreError as exc:
-        raise HTTPException(503, "database unavailable") from exc
+    entry = queue.retry(entry_id, datetime.now(UTC))
     if entry is None:
         raise HTTPException(404, "no such relay entry")
     if entry.state != PENDING:
