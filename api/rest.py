@@ -43,12 +43,11 @@ LATEST_LOOKBACK = timedelta(hours=24)
 ACTIVE_SCAN_STATES = frozenset({ScanState.FACE_PRESENT, ScanState.SCANNING})
 
 
-class ReadingsPage(BaseModel):
-    """One page of readings in store order.
+class CursorPage(BaseModel):
+    """One page of a list; ``next_cursor`` continues after it.
 
-    ``next_cursor`` continues after this page (also for polling: readings stored
-    later appear there); it is null only for an empty page. ``has_more`` says
-    whether more readings were already waiting.
+    ``next_cursor`` is null only for an empty page; ``has_more`` says whether
+    more items were already waiting.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -56,6 +55,14 @@ class ReadingsPage(BaseModel):
     items: list[dict[str, Any]]
     next_cursor: str | None
     has_more: bool
+
+
+class ReadingsPage(CursorPage):
+    """One page of readings in store order.
+
+    ``next_cursor`` continues after this page (also for polling: readings stored
+    later appear there).
+    """
 
 
 # The models below document the kiosk answers in OpenAPI; the tests check every

@@ -22,7 +22,13 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict
 
 from api.auth import PATIENT_READ, READ, AuthError, Principal
 from api.etag import NOT_MODIFIED, conditional_json
-from api.rest import MAX_PAGE, MAX_PATIENT_REF_CHARS, ReadsDep, audit_read
+from api.rest import (
+    MAX_PAGE,
+    MAX_PATIENT_REF_CHARS,
+    CursorPage,
+    ReadsDep,
+    audit_read,
+)
 from api.security import require
 from bridge.store.db import utc
 from bridge.store.reads import ScanKey
@@ -39,19 +45,12 @@ _SCAN_ID_CHARS = frozenset(
 ReadDep = Annotated[Principal, Depends(require(READ))]
 
 
-class ScansPage(BaseModel):
+class ScansPage(CursorPage):
     """One page of scans in list order.
 
-    ``next_cursor`` continues after this page (scans started later appear there);
-    it is null only for an empty page. ``has_more`` says whether more scans were
-    already waiting. ``patient_ref`` appears only with ``vitals.patient.read``.
+    ``next_cursor`` continues after this page (scans started later appear there).
+    ``patient_ref`` appears only with ``vitals.patient.read``.
     """
-
-    model_config = ConfigDict(extra="forbid")
-
-    items: list[dict[str, Any]]
-    next_cursor: str | None
-    has_more: bool
 
 
 class ScanDetail(BaseModel):
