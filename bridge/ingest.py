@@ -8,7 +8,7 @@ the delivery guarantee:
 2. the batch is committed in one transaction (duplicates are skipped by key);
 3. new readings and status changes go to the live hub (and, when bridges share
    ingest, to the live topic the other bridges feed their clients from);
-4. only then is each message's PUBACK sent (paho manual acknowledgement);
+4. only then is each message's PUBACK sent (one write for the batch);
 5. each kiosk in the batch gets one retained confirmation of its contiguous
    high-water mark, which lets its outbox release what is stored.
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -29,16 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTProtocolVersion
-from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bridge.alerts import AlertEvaluator, ChangeKind
 from bridge.config import BridgeSettings
 from bridge.errors import StoreError
 from bridge.hub import Hub
 from bridge.metrics import BridgeMetrics
+from bridge.mqtt import V5, V311, Delivery, MqttClient, Subscription
 from bridge.ratelimit import RateLimiter
 from bridge.store import Batch, BatchResult, DeadLetterIn, Store, StoredReading
 from bridge.store.alert_store import AlertRecord, AlertStore
@@ -65,9 +62,7 @@ from vitals_contract import (
 from vitals_contract.mqtt import (
     SESSION_EXPIRY_SECONDS,
     JitteredBackoff,
-    build_client,
     choose_protocol,
-    connect_kwargs,
 )
 
 log = logging.getLogger(__name__)
@@ -77,18 +72,6 @@ LIVE_LEVEL = "live"  # {root}/live/{kiosk_id}: committed data for every bridge's
 SUBSCRIBED_LEAVES = (Leaf.READINGS, Leaf.EVENTS, Leaf.STATUS, Leaf.HEARTBEAT)
 RECONNECT_MIN_SECONDS = 1
 RECONNECT_MAX_SECONDS = 10
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One message as paho handed it over."""
-
-    topic: str
-    payload: bytes
-    mid: int
-    qos: int
-    received_monotonic: float
-    generation: int  # which connection delivered it; mids restart per connection
 
 
 @dataclass(slots=True)
@@ -164,69 +147,65 @@ class Ingest:
         self._alert_store = alert_store
         # Unbounded here, bounded in fact: with manual acknowledgement the broker
         # stops sending QoS 1 messages once its in-flight window is unacknowledged.
-        # paho's thread appends; the event loop is woken once per burst, not once
-        # per message.
         self._arrivals: deque[Delivery] = deque()
-        self._wake_pending = False
         self._pending = Pending()
         self._batch_ready = asyncio.Event()
         self._batch_full = asyncio.Event()
-        self._client: mqtt.Client | None = None
+        self._client: MqttClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
-        # A message id is only meaningful on the connection that delivered it; a
-        # PUBACK for a stale id would acknowledge some other, uncommitted message.
-        self._generation = 0
         self._shared = False
         self._alert_task: asyncio.Task[None] | None = None
         # Bounded by the broker like the inbox; one entry per live message.
         self._live_readings: asyncio.Queue[list[StoredReading]] = asyncio.Queue()
         self._live_prefix = f"{settings.mqtt.root_topic}/{LIVE_LEVEL}/"
-        self._backoff = JitteredBackoff(RECONNECT_MIN_SECONDS, RECONNECT_MAX_SECONDS)
         self._kiosk_limiter = RateLimiter(
             settings.ingest.kiosk_messages_per_second, settings.ingest.kiosk_burst
         )
-        self._generation_lock = threading.Lock()
 
     async def start(self) -> None:
         """Connect to the broker (in the background) and start the batcher."""
         self._loop = asyncio.get_running_loop()
         mqtt_settings = self._settings.mqtt
         protocol = await asyncio.to_thread(choose_protocol, mqtt_settings)
+        v5 = protocol is MQTTProtocolVersion.MQTTv5
         # Shared subscriptions only on MQTT 5: amqtt (3.1.1) grants `$share/...`
         # subscriptions and then delivers nothing to them.
-        self._shared = bool(
-            self._settings.ingest.shared_group
-            and protocol is MQTTProtocolVersion.MQTTv5
-        )
+        group = self._settings.ingest.shared_group
+        self._shared = bool(group and v5)
+        root = mqtt_settings.root_topic
+        filters = [kiosk_filter(leaf, root) for leaf in SUBSCRIBED_LEAVES]
         if self._shared:
-            log.info("sharing ingest with group %s", self._settings.ingest.shared_group)
-        client = build_client(
-            mqtt_settings,
-            self._settings.ingest.client_id,
-            protocol=protocol,
-            manual_ack=True,
-        )
-        self._backoff.arm(client)
-        client.on_connect_fail = self._on_connect_fail
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
+            log.info("sharing ingest with group %s", group)
+            subscriptions = [
+                # Other bridges' commits; our own we hand to our clients directly.
+                Subscription(f"{root}/{LIVE_LEVEL}/+", no_local=True),
+                *(Subscription(f"$share/{group}/{f}") for f in filters),
+            ]
+        else:
+            subscriptions = [Subscription(f) for f in filters]
         # A bridge that shares ingest keeps a short session: the broker goes on
         # handing a dead member its share until the session expires, and kiosks
         # only resend to the living once it has.
         expiry = (
             SHARED_SESSION_EXPIRY_SECONDS if self._shared else SESSION_EXPIRY_SECONDS
         )
-        client.connect_async(
-            mqtt_settings.host,
-            mqtt_settings.port,
-            keepalive=mqtt_settings.keepalive_seconds,
-            **connect_kwargs(protocol, expiry),  # type: ignore[arg-type]
+        self._client = MqttClient(
+            mqtt_settings,
+            self._settings.ingest.client_id,
+            version=V5 if v5 else V311,
+            session_expiry=expiry,
+            # One batch committing and the next filling: the broker holds back the
+            # rest, so a slow database never turns into a growing queue in memory
+            # (MQTT 5; on 3.1.1 the broker's own in-flight limit does this).
+            receive_maximum=2 * self._settings.ingest.batch_max_messages,
+            subscriptions=subscriptions,
+            on_publishes=self._on_publishes,
+            on_state=self._on_state,
+            backoff=JitteredBackoff(RECONNECT_MIN_SECONDS, RECONNECT_MAX_SECONDS),
         )
-        client.loop_start()
-        self._client = client
+        self._client.start()
         self._task = asyncio.create_task(self._batcher(), name="ingest[batcher]")
         self._task.add_done_callback(self._batcher_done)
         if self._shared:
@@ -252,103 +231,34 @@ class Ingest:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         if self._client is not None:
-            self._client.disconnect()
-            await asyncio.to_thread(self._client.loop_stop)
+            await self._client.stop()
 
-    # -- paho callbacks (paho's network thread) -------------------------------
+    # -- the broker connection (event loop) -------------------------------------
 
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        _userdata: object,
-        _flags: mqtt.ConnectFlags,
-        reason: ReasonCode,
-        _props: object,
-    ) -> None:
-        if reason.is_failure:
-            log.warning("broker refused connection: %s", reason)
-            return
-        with self._generation_lock:
-            self._generation += 1
-        self._backoff.reset()
-        self._backoff.arm(client)
-        root = self._settings.mqtt.root_topic
-        filters = [kiosk_filter(leaf, root) for leaf in SUBSCRIBED_LEAVES]
-        if self._shared:  # MQTT 5 only
-            group = self._settings.ingest.shared_group
-            # Other bridges' commits; our own we hand to our clients directly.
-            live = (f"{root}/{LIVE_LEVEL}/+", SubscribeOptions(qos=1, noLocal=True))
-            client.subscribe(
-                [
-                    live,
-                    *(
-                        (f"$share/{group}/{f}", SubscribeOptions(qos=1))
-                        for f in filters
-                    ),
-                ]
-            )
+    def _on_state(self, up: bool) -> None:
+        self._metrics.mqtt_connected.set(1 if up else 0)
+        if up:
+            self.connected.set()
         else:
-            client.subscribe([(f, 1) for f in filters])
-        log.info(
-            "connected to broker %s:%d, subscribed",
-            self._settings.mqtt.host,
-            self._settings.mqtt.port,
-        )
-        self._metrics.mqtt_connected.set(1)
-        self._call_soon(self.connected.set)
+            self.connected.clear()
 
-    def _on_disconnect(
-        self,
-        client: mqtt.Client,
-        _userdata: object,
-        _flags: object,
-        reason: ReasonCode,
-        _props: object,
-    ) -> None:
-        delay = self._backoff.arm(client)
-        log.warning("disconnected from broker: %s; retrying in %.1f s", reason, delay)
-        self._metrics.mqtt_connected.set(0)
-        self._call_soon(self.connected.clear)
-
-    def _on_connect_fail(self, client: mqtt.Client, _userdata: object) -> None:
-        delay = self._backoff.arm(client)
-        log.warning("broker unreachable; retrying in %.1f s", delay)
-
-    def _on_message(
-        self, client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage
-    ) -> None:
-        if self._shared and msg.topic.startswith(self._live_prefix):
-            self._call_soon(self._on_live, bytes(msg.payload))
-            if msg.qos:
-                client.ack(msg.mid, msg.qos)
-            return
-        self._arrivals.append(
-            Delivery(
-                msg.topic,
-                bytes(msg.payload),
-                msg.mid,
-                msg.qos,
-                time.monotonic(),
-                self._generation,
-            )
-        )
-        # Appended before the flag is read: if the loop has not reset the flag
-        # yet, its drain that follows sees this message.
-        if not self._wake_pending:
-            self._wake_pending = True
-            self._call_soon(self._drain)
-
-    def _call_soon(self, fn: object, *args: object) -> None:
-        assert self._loop is not None
-        # A closed loop means shutdown; the broker redelivers what was not acked.
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(fn, *args)  # type: ignore[arg-type]
+    def _on_publishes(self, deliveries: list[Delivery]) -> None:
+        """Take what one read from the broker held; validate up to the batch bound."""
+        if self._shared:
+            live = [d for d in deliveries if d.topic.startswith(self._live_prefix)]
+            if live:
+                for d in live:
+                    self._on_live(d.payload)
+                assert self._client is not None
+                self._client.ack(live)
+                deliveries = [d for d in deliveries if d not in live]
+        self._arrivals.extend(deliveries)
+        self._drain()
 
     # -- batcher (event loop) -------------------------------------------------
 
     def _drain(self) -> None:
-        """Validate what paho handed over into the pending batch, up to its bound."""
-        self._wake_pending = False
+        """Validate arrivals into the pending batch, up to its bound."""
         pending = self._pending
         limit = self._settings.ingest.batch_max_messages
         root = self._settings.mqtt.root_topic
@@ -386,8 +296,8 @@ class Ingest:
         pending, self._pending = self._pending, Pending()
         self._batch_ready.clear()
         self._batch_full.clear()
-        # Whatever the size bound left behind starts the next batch.
-        self._drain()
+        # Whatever the size bound left behind starts the next batch, validated
+        # while this one commits (see _commit).
         return pending
 
     async def _batcher(self) -> None:
@@ -434,11 +344,16 @@ class Ingest:
 
     async def _commit(self, batch: Batch) -> BatchResult:
         """Commit ``batch``, retrying with back-off until the database takes it."""
+        loop = asyncio.get_running_loop()
         delay = 0.1
         while True:
             started = time.perf_counter()
+            committed = loop.run_in_executor(None, self._store.write_batch, batch)
+            # The database works in another thread (and process): validate what
+            # has arrived meanwhile into the next batch.
+            self._drain()
             try:
-                result = await asyncio.to_thread(self._store.write_batch, batch)
+                result = await committed
             except StoreError as exc:
                 self._metrics.commit_failures.inc()
                 log.warning("commit failed (%s); retrying in %.1f s", exc, delay)
@@ -528,15 +443,9 @@ class Ingest:
     def _acknowledge(self, deliveries: list[Delivery]) -> None:
         assert self._client is not None
         now = time.monotonic()
-        stale = 0
-        with self._generation_lock:
-            for d in deliveries:
-                if d.qos == 0:
-                    continue
-                if d.generation != self._generation:
-                    stale += 1  # the broker redelivers it on the new connection
-                    continue
-                self._client.ack(d.mid, d.qos)
+        # A delivery from an earlier connection is not acknowledged: the broker
+        # redelivers it on the new one, and its old id may now name another message.
+        stale = self._client.ack(deliveries)
         for d in deliveries:
             self._metrics.lag_seconds.observe(now - d.received_monotonic)
         if stale:

@@ -25,7 +25,6 @@ def build_client(
     client_id: str,
     *,
     protocol: MQTTProtocolVersion,
-    manual_ack: bool = False,
 ) -> mqtt.Client:
     """Create a paho client (callback API 2) with credentials and TLS applied."""
     client = mqtt.Client(
@@ -34,7 +33,6 @@ def build_client(
         protocol=protocol,
         # 3.1.1 keeps the session; MQTT 5 sets an expiry in the CONNECT properties.
         clean_session=False if protocol is not MQTTProtocolVersion.MQTTv5 else None,
-        manual_ack=manual_ack,
     )
     if settings.username is not None:
         password = settings.password.get_secret_value() if settings.password else None
