@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from support import (
     BrokerEndpoint,
     ServerThread,
@@ -20,6 +21,11 @@ from support import (
 )
 
 MOSQUITTO = ("127.0.0.1", 1883)
+
+# Property tests assert outcomes, not speed: on a loaded 2-core CI machine a single
+# example can take longer than Hypothesis's 200 ms default deadline.
+settings.register_profile("suite", deadline=None)
+settings.load_profile("suite")
 
 
 @pytest.fixture
