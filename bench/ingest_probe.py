@@ -116,11 +116,16 @@ def run_one(url: str, messages: int) -> dict[str, Any]:
     async def main() -> tuple[float, float]:
         ingest._loop = asyncio.get_running_loop()
         ingest._client = _SilentClient()  # type: ignore[assignment]
-        batcher = asyncio.create_task(ingest._batcher())
+        tasks = [
+            asyncio.create_task(ingest._batcher()),
+            asyncio.create_task(ingest._finisher()),
+        ]
         wall0, cpu0 = time.perf_counter(), time.process_time()
         await _feed(ingest, store, payloads)
+        await ingest._committed.join()  # live pushes, PUBACKs, confirmations, alerts
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-        batcher.cancel()
+        for task in tasks:
+            task.cancel()
         return wall, cpu
 
     try:

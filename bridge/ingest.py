@@ -154,6 +154,10 @@ class Ingest:
         self._client: MqttClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
+        self._finish_task: asyncio.Task[None] | None = None
+        # Committed batches waiting for their PUBACKs, confirmations and live
+        # pushes; bounded by the broker's in-flight window like the arrivals.
+        self._committed: asyncio.Queue[tuple[Pending, BatchResult]] = asyncio.Queue()
         self.connected = asyncio.Event()
         self._shared = False
         self._alert_task: asyncio.Task[None] | None = None
@@ -208,6 +212,10 @@ class Ingest:
         self._client.start()
         self._task = asyncio.create_task(self._batcher(), name="ingest[batcher]")
         self._task.add_done_callback(self._batcher_done)
+        self._finish_task = asyncio.create_task(
+            self._finisher(), name="ingest[finisher]"
+        )
+        self._finish_task.add_done_callback(self._batcher_done)
         if self._shared:
             self._alert_task = asyncio.create_task(
                 self._alerts_from_live(), name="ingest[alerts]"
@@ -215,8 +223,11 @@ class Ingest:
 
     @property
     def running(self) -> bool:
-        """Tell whether the batcher is alive."""
-        return self._task is not None and not self._task.done()
+        """Tell whether the batcher and the finisher are alive."""
+        return all(
+            task is not None and not task.done()
+            for task in (self._task, self._finish_task)
+        )
 
     @staticmethod
     def _batcher_done(task: asyncio.Task[None]) -> None:
@@ -225,7 +236,7 @@ class Ingest:
 
     async def stop(self) -> None:
         """Stop the batcher and disconnect; unacknowledged messages are redelivered."""
-        for task in (self._task, self._alert_task):
+        for task in (self._task, self._finish_task, self._alert_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -245,13 +256,16 @@ class Ingest:
     def _on_publishes(self, deliveries: list[Delivery]) -> None:
         """Take what one read from the broker held; validate up to the batch bound."""
         if self._shared:
-            live = [d for d in deliveries if d.topic.startswith(self._live_prefix)]
+            live: list[Delivery] = []
+            data: list[Delivery] = []
+            for d in deliveries:
+                (live if d.topic.startswith(self._live_prefix) else data).append(d)
             if live:
                 for d in live:
                     self._on_live(d.payload)
                 assert self._client is not None
                 self._client.ack(live)
-                deliveries = [d for d in deliveries if d not in live]
+            deliveries = data
         self._arrivals.extend(deliveries)
         self._drain()
 
@@ -303,18 +317,25 @@ class Ingest:
     async def _batcher(self) -> None:
         while True:
             pending = await self._next_batch()
-            deliveries, batch = pending.deliveries, pending.batch
             for leaf, count in pending.leaves.items():
                 self._metrics.messages.labels(leaf).inc(count)
-            result = await self._commit(batch)
+            result = await self._commit(pending.batch)
+            # The rest happens in the finisher, in commit order, while the next
+            # batch commits: the database need not wait for our PUBACKs.
+            self._committed.put_nowait((pending, result))
+
+    async def _finisher(self) -> None:
+        while True:
+            pending, result = await self._committed.get()
             # Live data goes out before the confirmation, on the same connection:
             # a bridge killed in between has not confirmed, so the kiosk resends,
             # and the redelivery is pushed live again by whoever stores it.
-            self._publish_live(batch, result)
-            self._acknowledge(deliveries)
+            self._publish_live(pending.batch, result)
+            self._acknowledge(pending.deliveries)
             self._confirm(result)
             if not self._shared:
                 await self._alert_step(result.new_readings)
+            self._committed.task_done()
 
     async def commit_from_http(self, batch: Batch) -> BatchResult:
         """Commit readings that arrived over HTTP and treat them like MQTT ones.

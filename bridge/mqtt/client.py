@@ -38,7 +38,7 @@ DEFAULT_SEND_QUOTA: Final = 100  # 3.1.1 has no Receive Maximum; paho's default 
 _MAX_MID: Final = 0xFFFF
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per message: frozen would cost 5x to build
 class Delivery:
     """One received message, as the ingest batches it."""
 

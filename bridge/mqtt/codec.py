@@ -361,7 +361,7 @@ def with_dup(packet: bytes) -> bytes:
 # -- what we receive --------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per message received: frozen would cost 5x to build
 class Publish:
     """An incoming PUBLISH."""
 
