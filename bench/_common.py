@@ -28,11 +28,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from bridge.config import IngestSettings
+
 ROOT_DIR: Final = Path(__file__).resolve().parent.parent
 VENV_BIN: Final = ROOT_DIR / ".venv" / "bin"
 HOST: Final = "127.0.0.1"
 PG_ADMIN_URL: Final = "postgresql://postgres@127.0.0.1:5432/test"
 READINGS_PER_MESSAGE: Final = 5
+# The bridge's default batch; brokers get twice that as their in-flight limit.
+BRIDGE_BATCH: Final[int] = IngestSettings.model_fields["batch_max_messages"].default
 READY_TIMEOUT_SECONDS: Final = 30.0
 STOP_TIMEOUT_SECONDS: Final = 10.0
 JWT_SECRET: Final = uuid.uuid4().hex + uuid.uuid4().hex  # per benchmark process
@@ -108,7 +112,7 @@ class Broker:
 
 
 @contextlib.contextmanager
-def broker(kind: str, inflight: int = 1000) -> Iterator[Broker]:
+def broker(kind: str, inflight: int = 2 * BRIDGE_BATCH) -> Iterator[Broker]:
     """Run a broker: ``mosquitto`` (private), ``mosquitto-system`` or ``amqtt``."""
     if kind == "mosquitto-system":
         yield Broker("mosquitto-system", 1883)

@@ -42,7 +42,7 @@ MOSQUITTO_CONF: Final = """\
 listener {port} 127.0.0.1
 allow_anonymous true
 persistence false
-max_inflight_messages 1000
+max_inflight_messages 2000
 max_queued_messages 100000
 log_dest stderr
 log_type error

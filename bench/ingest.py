@@ -341,7 +341,9 @@ def main() -> None:
     consumers = args.consumers.split(",")
 
     results: dict[str, list[dict[str, Any]]] = {}
-    with c.broker(args.broker) as brk:
+    # The in-flight limit the deployed configs use: twice the bridge's batch.
+    inflight = 2 * (args.batch_max_messages or c.BRIDGE_BATCH)
+    with c.broker(args.broker, inflight=inflight) as brk:
         for kind in consumers:
             root = c.new_root()
             with _consumer(kind, brk.port, root, env) as (count, per, pids, probe):

@@ -30,7 +30,12 @@ class IngestSettings(BaseModel):
         "the broker keeps its session; defaults to one derived from the host name.",
     )
     batch_max_messages: int = Field(
-        default=500, ge=1, le=10_000, description="Most messages in one commit."
+        default=1000,
+        ge=1,
+        le=10_000,
+        description="Most messages in one commit. The broker's in-flight limit for "
+        "the bridge should be at least twice this, so the next batch fills while "
+        "one commits.",
     )
     batch_max_wait_ms: float = Field(
         default=0.0,

@@ -49,7 +49,7 @@ class BrokerProc:
             conf = self.workdir / "mosquitto.conf"
             conf.write_text(
                 f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-                "persistence false\nmax_inflight_messages 1000\n"
+                "persistence false\nmax_inflight_messages 2000\n"
             )
             self.proc = MosquittoProc(conf, self.workdir).start()
         assert wait_for(lambda: tcp_reachable("127.0.0.1", self.port, 0.2), 15)

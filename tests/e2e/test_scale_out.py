@@ -46,7 +46,7 @@ def test_three_bridges_share_ingest_and_survive_a_kill(
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_inflight_messages 1000\nmax_queued_messages 100000\n"
+        "max_inflight_messages 2000\nmax_queued_messages 100000\n"
     )
     log = (tmp_path / "mosquitto.log").open("ab")
     mosquitto = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=log)
