@@ -576,12 +576,37 @@ class Store:
                 seqs.get(kiosk_id, ()), batch.floors.get(kiosk_id, 0)
             )
             if after.above:
-                # A gap: another bridge sharing the ingest may have stored the missing
-                # seqs, so look at what the database holds before calling it a gap.
-                stored = self._load_progress(conn, kiosk_id)
-                after = after.advanced(stored.above, floor=stored.through + 1)
+                after = self._fill_gap(conn, kiosk_id, after)
             progress[kiosk_id] = after
         return progress
+
+    @staticmethod
+    def _fill_gap(conn: Connection, kiosk_id: str, progress: Progress) -> Progress:
+        """Close what another bridge sharing the ingest stored in the first gap.
+
+        Only the gap is read, never the seqs above it: a kiosk whose gap stays open
+        (over its rate, or dropping messages) would otherwise make every batch read
+        its whole backlog again.
+        """
+        low, high = progress.through, min(progress.above)
+        through = conn.execute(
+            select(Kiosk.committed_through).where(Kiosk.kiosk_id == kiosk_id)
+        ).scalar_one()
+        in_gap = union(
+            select(ReadingRow.seq).where(
+                ReadingRow.kiosk_id == kiosk_id,
+                ReadingRow.seq > low,
+                ReadingRow.seq < high,
+            ),
+            select(ScanEventRow.seq).where(
+                ScanEventRow.kiosk_id == kiosk_id,
+                ScanEventRow.seq > low,
+                ScanEventRow.seq < high,
+            ),
+        )
+        # The kiosk row's mark covers what others settled without storing it
+        # (dead letters, floors).
+        return progress.advanced(conn.execute(in_gap).scalars(), floor=through + 1)
 
     @staticmethod
     def _load_progress(conn: Connection, kiosk_id: str) -> Progress:

@@ -70,6 +70,35 @@ def test_progress_survives_a_new_store_instance(
         reopened.close()
 
 
+def test_a_gap_another_bridge_filled_is_closed(
+    store: Store, database_url: str
+) -> None:
+    """Two bridges sharing the ingest each store part of one kiosk's seqs."""
+    other = Store.from_url(database_url)
+    try:
+        assert store.write_batch(
+            Batch(readings=[("k1", make_reading(s)) for s in (0, 1, 5, 6)])
+        ).through == {"k1": 1}
+        # The other bridge stores the first gap and part of the seqs after it.
+        other.write_batch(Batch(readings=[("k1", make_reading(s)) for s in (2, 3, 4)]))
+        result = store.write_batch(Batch(readings=[("k1", make_reading(7))]))
+        assert result.through == {"k1": 7}
+        # A gap nobody filled stays open, whatever is stored above it.
+        other.write_batch(Batch(readings=[("k1", make_reading(s)) for s in (9, 10)]))
+        result = store.write_batch(Batch(readings=[("k1", make_reading(11))]))
+        assert result.through == {"k1": 7}
+        # What another bridge settled without storing (a dead letter) closes it too.
+        other.write_batch(
+            Batch(
+                dead=[DeadLetterIn("t", "bad value", b"{}", kiosk_id="k1", seq=8)]
+            )
+        )
+        result = store.write_batch(Batch(readings=[("k1", make_reading(12))]))
+        assert result.through == {"k1": 12}
+    finally:
+        other.close()
+
+
 def test_kiosks_are_independent(store: Store) -> None:
     result = store.write_batch(
         Batch(
