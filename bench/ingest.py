@@ -334,11 +334,7 @@ def main() -> None:
         rates += [10000.0, 12000.0]
     step_seconds = args.step_seconds or (3.5 if args.quick else 6.0)
     kiosks = c.kiosk_ids(args.kiosks)
-    # A simulated kiosk here sends hundreds of messages a second, a real one a few
-    # per scan: lift the per-kiosk flood limit, or the bench measures the limiter
-    # (and the gaps it leaves) instead of the ingest.
-    per_kiosk = 2 * max(rates) / len(kiosks)
-    env = {"VITALS_INGEST__KIOSK_MESSAGES_PER_SECOND": str(per_kiosk)}
+    env = c.kiosk_limit_env(rates, kiosks)
     if args.batch_max_messages:
         env["VITALS_INGEST__BATCH_MAX_MESSAGES"] = str(args.batch_max_messages)
     if args.batch_max_wait_ms is not None:

@@ -27,7 +27,7 @@ from bench import ingest
 
 @contextlib.contextmanager
 def _fleet(
-    n: int, port: int, root: str
+    n: int, port: int, root: str, env: dict[str, str]
 ) -> Iterator[tuple[Callable[[], int], int, dict[str, Callable[[], list[int]]], Any]]:
     """Start ``n`` bridges on one database; yield what ``ingest._ladder`` needs."""
     with c.database("postgres") as url, contextlib.ExitStack() as stack:
@@ -39,6 +39,7 @@ def _fleet(
                     root,
                     VITALS_INGEST__CLIENT_ID=f"scale-{i}-{uuid.uuid4().hex[:6]}",
                     VITALS_MIGRATE_ON_START="true" if i == 0 else "false",
+                    **env,
                 )
             )
             for i in range(n)
@@ -74,7 +75,7 @@ def main() -> None:
             consumer = (
                 ingest._consumer("bare", brk.port, root, {})
                 if n is None
-                else _fleet(n, brk.port, root)
+                else _fleet(n, brk.port, root, c.kiosk_limit_env(rates, kiosks))
             )
             with consumer as (count, per, pids, probe):
                 steps = ingest._ladder(
