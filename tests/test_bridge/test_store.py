@@ -70,9 +70,7 @@ def test_progress_survives_a_new_store_instance(
         reopened.close()
 
 
-def test_a_gap_another_bridge_filled_is_closed(
-    store: Store, database_url: str
-) -> None:
+def test_a_gap_another_bridge_filled_is_closed(store: Store, database_url: str) -> None:
     """Two bridges sharing the ingest each store part of one kiosk's seqs."""
     other = Store.from_url(database_url)
     try:
@@ -89,9 +87,7 @@ def test_a_gap_another_bridge_filled_is_closed(
         assert result.through == {"k1": 7}
         # What another bridge settled without storing (a dead letter) closes it too.
         other.write_batch(
-            Batch(
-                dead=[DeadLetterIn("t", "bad value", b"{}", kiosk_id="k1", seq=8)]
-            )
+            Batch(dead=[DeadLetterIn("t", "bad value", b"{}", kiosk_id="k1", seq=8)])
         )
         result = store.write_batch(Batch(readings=[("k1", make_reading(12))]))
         assert result.through == {"k1": 12}
