@@ -737,7 +737,9 @@ def test_filters_by_patient_code_and_device(env: Env) -> None:
 
 
 def test_heartbeats_arrive_at_the_period_until_access_ends(env: Env) -> None:
-    with env.client() as c, env.client(ttl=4) as short_lived:
+    # Three heartbeats take ~3 s after the handshake; the token's 7 s leave a loaded
+    # CI machine room for the set-up (4 s did not, once).
+    with env.client() as c, env.client(ttl=7) as short_lived:
         sub = create(
             c, subscription_body([f"Observation?device=Device/{kiosk()}"], heartbeat=1)
         )
