@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 import shutil
 import ssl
 import subprocess
@@ -17,9 +19,11 @@ from pydantic import SecretStr
 from support import ServerThread, bridge_settings, tcp_reachable, wait_for
 
 from bridge.devcerts import issue_server_cert, make_ca
-from bridge.provision import add_kiosk, revoke_kiosk
+from bridge.mqtt import V5, Delivery, MqttClient, Subscription
+from bridge.provision import add_kiosk, mosquitto_hash, revoke_kiosk
 from kiosk_agent.config import AgentSettings
-from vitals_contract.mqtt import build_client
+from vitals_contract.mqtt import JitteredBackoff, build_client
+from vitals_contract.settings import MqttSettings
 
 REPO = Path(__file__).resolve().parents[2]
 ROOT = "vitals/v1"  # the ACL file is written for the production root
@@ -179,3 +183,88 @@ def test_https_api_with_the_dev_ca(
             httpx.get(url, verify=ssl.create_default_context(cafile=str(other_ca)))
     finally:
         server.stop()
+
+
+async def test_bridge_client_reads_kiosks_over_tls_with_its_own_credentials(
+    broker: PrivateMosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bridge's MQTT client: TLS against the dev CA, the `bridge` user's ACL."""
+    made = add_kiosk(
+        "kiosk-c",
+        broker_host="127.0.0.1",
+        broker_port=broker.tls_port,
+        out_dir=tmp_path / "kiosks",
+        mosquitto_passwd=broker.passwd,
+        ca_cert=broker.ca,
+    )
+    password = secrets.token_urlsafe(16)
+    with broker.passwd.open("a") as fh:
+        fh.write(f"bridge:{mosquitto_hash(password)}\n")
+    broker.reload()
+    bridge_mqtt = MqttSettings(
+        host="127.0.0.1",
+        port=broker.tls_port,
+        username="bridge",
+        password=SecretStr(password),
+        tls_ca_file=broker.ca,
+    )
+
+    def bridge_client(
+        settings: MqttSettings, got: list[Delivery], states: list[bool]
+    ) -> MqttClient:
+        return MqttClient(
+            settings,
+            f"bridge-tls-{secrets.token_hex(3)}",
+            version=V5,
+            session_expiry=60,
+            subscriptions=[Subscription(f"{ROOT}/kiosk/+/readings")],
+            on_publishes=got.extend,
+            on_state=states.append,
+            backoff=JitteredBackoff(0.1, 0.3),
+            connect_timeout=5,
+        )
+
+    got: list[Delivery] = []
+    states: list[bool] = []
+    client = bridge_client(bridge_mqtt, got, states)
+    client.start()
+    try:
+        async with asyncio.timeout(10):
+            while not client.is_connected:  # noqa: ASYNC110 - polls client state
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # the SUBACK
+        kiosk, outcome = await asyncio.to_thread(
+            connect, AgentSettings.load(made.agent_config), "kiosk-c"
+        )
+        assert outcome == "Success"
+        info = kiosk.publish(f"{ROOT}/kiosk/kiosk-c/readings", b"{}", qos=1)
+        await asyncio.to_thread(info.wait_for_publish, 5)
+        kiosk.disconnect()
+        kiosk.loop_stop()
+        async with asyncio.timeout(10):
+            while not got:  # noqa: ASYNC110 - polls what the client handed over
+                await asyncio.sleep(0.05)
+        assert [(d.topic, d.payload) for d in got] == [
+            (f"{ROOT}/kiosk/kiosk-c/readings", b"{}")
+        ]
+        assert client.ack(got) == 0
+    finally:
+        await client.stop()
+    assert states == [True, False]
+
+    # A wrong password is refused at CONNACK: retried, never reported up.
+    refused_states: list[bool] = []
+    wrong = bridge_client(
+        bridge_mqtt.model_copy(update={"password": SecretStr("guess")}),
+        [],
+        refused_states,
+    )
+    wrong.start()
+    try:
+        async with asyncio.timeout(10):
+            while not any("refused" in r.message for r in caplog.records):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert not wrong.is_connected
+        assert refused_states == []
+    finally:
+        await wrong.stop()
