@@ -34,6 +34,7 @@ from vitals_contract.settings import MqttSettings
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_SECONDS: Final = 10.0
+CLOSE_TIMEOUT_SECONDS: Final = 2.0  # for the broker to read our DISCONNECT and hang up
 DEFAULT_SEND_QUOTA: Final = 100  # 3.1.1 has no Receive Maximum; paho's default is 20
 _MAX_MID: Final = 0xFFFF
 
@@ -123,6 +124,7 @@ class MqttClient:
         self._connecting: _Connection | None = None
         self._connack: asyncio.Future[codec.Connack] | None = None
         self._subscribe_mid = 0
+        self._subscribed_generation = 0  # the connection whose SUBACK arrived
         self._mid = 0
         self._inflight: dict[int, bytes] = {}  # sent QoS 1 publishes, by mid
         self._queue: deque[_Outgoing] = deque()  # waiting for a connection or quota
@@ -143,7 +145,11 @@ class MqttClient:
         conn = self._conn
         if conn is not None and conn.transport is not None:
             conn.transport.write(codec.DISCONNECT)
-            conn.transport.close()
+            # The broker closes the connection once it has read the DISCONNECT,
+            # so everything before it (the last PUBACKs) has been acted on. Closing
+            # first lost them: Mosquitto dropped what it had not read yet.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(conn.lost), CLOSE_TIMEOUT_SECONDS)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -153,6 +159,11 @@ class MqttClient:
     def is_connected(self) -> bool:
         """Tell whether a session is up (CONNACK received, not lost since)."""
         return self._conn is not None
+
+    @property
+    def is_subscribed(self) -> bool:
+        """Tell whether the broker has answered this connection's SUBSCRIBE."""
+        return self.is_connected and self._subscribed_generation == self.generation
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -211,7 +222,8 @@ class MqttClient:
             )
             self._on_state(True)
             await self._watch(conn, int(keepalive))
-            log.warning("broker connection lost")
+            if not self._stopping:
+                log.warning("broker connection lost")
         finally:
             was_up = self._conn is conn
             self._conn = self._connecting = None
@@ -320,6 +332,7 @@ class MqttClient:
         mid, codes = codec.decode_suback(body, version=self.version)
         if mid != self._subscribe_mid:
             return
+        self._subscribed_generation = self.generation
         refused = [
             sub.topic_filter
             for sub, code in zip(self._subscriptions, codes, strict=False)

@@ -580,48 +580,43 @@ class Store:
             progress[kiosk_id] = after
         return progress
 
-    @staticmethod
-    def _fill_gap(conn: Connection, kiosk_id: str, progress: Progress) -> Progress:
+    @classmethod
+    def _fill_gap(cls, conn: Connection, kiosk_id: str, progress: Progress) -> Progress:
         """Close what another bridge sharing the ingest stored in the first gap.
 
         Only the gap is read, never the seqs above it: a kiosk whose gap stays open
         (over its rate, or dropping messages) would otherwise make every batch read
-        its whole backlog again.
+        its whole backlog again. The kiosk row's mark covers what others settled
+        without storing it (dead letters, floors).
         """
-        low, high = progress.through, min(progress.above)
-        through = conn.execute(
-            select(Kiosk.committed_through).where(Kiosk.kiosk_id == kiosk_id)
-        ).scalar_one()
-        in_gap = union(
-            select(ReadingRow.seq).where(
-                ReadingRow.kiosk_id == kiosk_id,
-                ReadingRow.seq > low,
-                ReadingRow.seq < high,
-            ),
-            select(ScanEventRow.seq).where(
-                ScanEventRow.kiosk_id == kiosk_id,
-                ScanEventRow.seq > low,
-                ScanEventRow.seq < high,
-            ),
-        )
-        # The kiosk row's mark covers what others settled without storing it
-        # (dead letters, floors).
-        return progress.advanced(conn.execute(in_gap).scalars(), floor=through + 1)
+        in_gap = cls._stored_seqs(conn, kiosk_id, progress.through, min(progress.above))
+        floor = cls._committed_through(conn, kiosk_id) + 1
+        return progress.advanced(in_gap, floor=floor)
+
+    @classmethod
+    def _load_progress(cls, conn: Connection, kiosk_id: str) -> Progress:
+        through = cls._committed_through(conn, kiosk_id)
+        return Progress(through, set(cls._stored_seqs(conn, kiosk_id, through)))
 
     @staticmethod
-    def _load_progress(conn: Connection, kiosk_id: str) -> Progress:
-        through = conn.execute(
+    def _committed_through(conn: Connection, kiosk_id: str) -> int:
+        mark: int = conn.execute(
             select(Kiosk.committed_through).where(Kiosk.kiosk_id == kiosk_id)
         ).scalar_one()
-        above = union(
-            select(ReadingRow.seq).where(
-                ReadingRow.kiosk_id == kiosk_id, ReadingRow.seq > through
-            ),
-            select(ScanEventRow.seq).where(
-                ScanEventRow.kiosk_id == kiosk_id, ScanEventRow.seq > through
-            ),
-        )
-        return Progress(through, set(conn.execute(above).scalars()))
+        return mark
+
+    @staticmethod
+    def _stored_seqs(
+        conn: Connection, kiosk_id: str, above: int, below: int | None = None
+    ) -> list[int]:
+        """Seqs of ``kiosk_id`` stored as readings or scan events in (above, below)."""
+        rows = []
+        for table in (ReadingRow, ScanEventRow):
+            cond = [table.kiosk_id == kiosk_id, table.seq > above]
+            if below is not None:
+                cond.append(table.seq < below)
+            rows.append(select(table.seq).where(*cond))
+        return list(conn.execute(union(*rows)).scalars())
 
     @staticmethod
     def _touch_kiosks(

@@ -230,9 +230,8 @@ async def test_bridge_client_reads_kiosks_over_tls_with_its_own_credentials(
     client.start()
     try:
         async with asyncio.timeout(10):
-            while not client.is_connected:  # noqa: ASYNC110 - polls client state
+            while not client.is_subscribed:  # noqa: ASYNC110 - polls client state
                 await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)  # the SUBACK
         kiosk, outcome = await asyncio.to_thread(
             connect, AgentSettings.load(made.agent_config), "kiosk-c"
         )

@@ -118,13 +118,11 @@ async def subscriber_ready() -> AsyncIterator[list[MqttClient]]:
         await c.stop()
 
 
-async def start(
-    started: list[MqttClient], client: MqttClient, recorder: Recorder
-) -> MqttClient:
+async def start(started: list[MqttClient], client: MqttClient) -> MqttClient:
+    """Start ``client`` and wait until the broker has granted its subscription."""
     client.start()
     started.append(client)
-    await until(lambda: client.is_connected)
-    # The SUBACK is not exposed: a round trip through the broker proves it is in.
+    await until(lambda: client.is_subscribed)
     return client
 
 
@@ -136,12 +134,11 @@ async def test_delivers_what_the_broker_carries_and_acks_on_request(
     # Mosquitto stops at 20 unacknowledged messages: more than that only arrive
     # because each read's messages are acknowledged as they come.
     rec.ack_with = client
-    await start(subscriber_ready, client, rec)
-    await asyncio.sleep(0.3)  # subscription settles
+    await start(subscriber_ready, client)
     payloads = [f"m{i}".encode() for i in range(200)]
     await asyncio.to_thread(publish_all, broker, f"{broker.root}/k1/r", payloads)
     await until(lambda: len(rec.deliveries) >= len(payloads))
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # room for a redelivery, which would be one too many
     assert sorted(rec.payloads()) == sorted(payloads)
     assert rec.stale == 0
     assert {d.topic for d in rec.deliveries} == {f"{broker.root}/k1/r"}
@@ -157,22 +154,18 @@ async def test_unacknowledged_messages_come_back_acknowledged_ones_do_not(
 ) -> None:
     broker = mosquitto_broker
     rec = Recorder()
-    first = await start(
-        subscriber_ready, make_client(broker, rec, client_id=client_id), rec
-    )
-    await asyncio.sleep(0.2)
+    first = await start(subscriber_ready, make_client(broker, rec, client_id=client_id))
     payloads = [f"m{i}".encode() for i in range(20)]
     await asyncio.to_thread(publish_all, broker, f"{broker.root}/k1/r", payloads)
     await until(lambda: len(rec.deliveries) == 20)
     committed = [d for d in rec.deliveries if int(d.payload[1:]) % 2 == 0]
     assert first.ack(committed) == 0
-    await asyncio.sleep(0.2)  # the PUBACKs reach the broker before we leave
     await first.stop()
 
     rec2 = Recorder()
     second = make_client(broker, rec2, client_id=client_id)
     rec2.ack_with = second
-    await start(subscriber_ready, second, rec2)
+    await start(subscriber_ready, second)
     odd = sorted(p for p in payloads if int(p[1:]) % 2)
     await until(lambda: len(rec2.deliveries) >= len(odd))
     await asyncio.sleep(0.3)  # anything acknowledged would have arrived by now
@@ -182,7 +175,7 @@ async def test_unacknowledged_messages_come_back_acknowledged_ones_do_not(
     assert rec2.stale == 0
     await second.stop()
     rec3 = Recorder()
-    await start(subscriber_ready, make_client(broker, rec3, client_id=client_id), rec3)
+    await start(subscriber_ready, make_client(broker, rec3, client_id=client_id))
     await asyncio.sleep(0.5)
     assert rec3.deliveries == []
 
@@ -199,9 +192,7 @@ async def test_ids_from_a_lost_connection_are_never_acknowledged_on_the_next(
         client = await start(
             subscriber_ready,
             make_client(mosquitto_broker, rec, client_id=client_id, port=proxy.port),
-            rec,
         )
-        await asyncio.sleep(0.2)
         payloads = [f"m{i}".encode() for i in range(10)]
         topic = f"{mosquitto_broker.root}/k1/r"
         await asyncio.to_thread(publish_all, mosquitto_broker, topic, payloads)
@@ -236,7 +227,7 @@ async def test_publishes_made_during_an_outage_arrive_after_it(
         broker, watch_rec, client_id=f"{client_id}-watch", topic_filter=watch_topic
     )
     watch_rec.ack_with = watcher
-    await start(subscriber_ready, watcher, watch_rec)
+    await start(subscriber_ready, watcher)
     proxy = TcpProxy(broker.port).start()
     try:
         rec = Recorder()
@@ -249,9 +240,7 @@ async def test_publishes_made_during_an_outage_arrive_after_it(
                 port=proxy.port,
                 topic_filter=f"{broker.root}/unused",
             ),
-            rec,
         )
-        await asyncio.sleep(0.2)
         await asyncio.to_thread(proxy.cut)
         await until(lambda: not sender.is_connected)
         for i in range(30):
@@ -279,9 +268,7 @@ async def test_broker_holds_back_beyond_our_receive_maximum(
         make_client(
             mosquitto_broker, rec, client_id=client_id, version=V5, receive_maximum=5
         ),
-        rec,
     )
-    await asyncio.sleep(0.2)
     payloads = [f"m{i}".encode() for i in range(12)]
     topic = f"{mosquitto_broker.root}/k1/r"
     await asyncio.to_thread(publish_all, mosquitto_broker, topic, payloads)
@@ -306,7 +293,6 @@ async def test_keepalive_holds_an_idle_connection_open(
     client = await start(
         subscriber_ready,
         make_client(mosquitto_broker, rec, client_id=client_id, keepalive=1),
-        rec,
     )
     # Mosquitto drops a client silent for 1.5 keepalives; ours pings in time.
     await asyncio.sleep(3.5)
