@@ -155,7 +155,7 @@ class Hub:
 
     def publish_readings(self, readings: Iterable[StoredReading]) -> None:
         """Offer each reading to every subscribed client that wants it."""
-        self.publish_messages([{"type": "reading", **r.to_json()} for r in readings])
+        self.publish_messages([r.live_message() for r in readings])
 
     def publish_event(self, kind: str, kiosk_id: str, body: dict[str, Any]) -> None:
         """Offer a status or alert message about ``kiosk_id``."""

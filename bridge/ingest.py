@@ -492,10 +492,8 @@ class Ingest:
             self._live_readings.put_nowait([*result.new_readings, *result.redelivered])
         if not self._shared and self._hub.idle:
             return  # nobody to tell: skip rendering the messages
-        messages: list[dict[str, Any]] = [
-            {"type": "reading", **r.to_json()}
-            for r in (*result.new_readings, *result.redelivered)
-        ]
+        messages = [r.live_message() for r in result.new_readings]
+        messages.extend(r.live_message() for r in result.redelivered)
         for status in batch.statuses:
             body = status.model_dump(mode="json", exclude={"v", "kind"})
             kind = "status" if isinstance(status, KioskStatus) else "heartbeat"

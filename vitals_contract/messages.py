@@ -35,7 +35,8 @@ MAX_SEQ = 2**63 - 1
 
 
 def _to_utc(value: datetime) -> datetime:
-    return value.astimezone(UTC)
+    # Most timestamps arrive in UTC already: skip building a copy of those.
+    return value.astimezone(UTC) if value.utcoffset() else value
 
 
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]

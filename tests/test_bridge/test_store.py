@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
+import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from bridge.store import Batch, DeadLetterIn, Store
@@ -15,6 +19,7 @@ from bridge.store.models import DeadLetter, Kiosk, Scan
 from vitals_contract import METRICS, Metric, Reading, ScanEvent, ScanState
 
 T0 = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+ZERO = timedelta(0)
 
 
 def make_reading(
@@ -233,3 +238,72 @@ def test_retention_purges_old_readings_only(store: Store) -> None:
     assert store.write_batch(Batch(readings=[("k1", make_reading(10))])).through == {
         "k1": 10
     }
+
+
+_SCAN_IDS = st.one_of(st.none(), st.from_regex(r"[A-Za-z0-9_.-]{1,64}", fullmatch=True))
+_OFFSETS = st.integers(-14 * 60, 14 * 60).map(lambda m: timezone(timedelta(minutes=m)))
+
+
+@st.composite
+def _readings(draw: st.DrawFn) -> list[Reading]:
+    """Valid readings of any metric: values across each metric's range, odd times."""
+    out = []
+    for seq in sorted(draw(st.sets(st.integers(0, 2**62), min_size=1, max_size=40))):
+        metric = draw(st.sampled_from(list(Metric)))
+        info = METRICS[metric]
+        out.append(
+            Reading(
+                seq=seq,
+                scan_id=draw(_SCAN_IDS),
+                metric=metric,
+                value=draw(st.floats(info.min_value, info.max_value)),
+                unit=info.unit,
+                quality=draw(st.floats(0.0, 1.0)),
+                final=draw(st.booleans()),
+                measured_at=draw(
+                    st.datetimes(
+                        datetime(2000, 1, 1), datetime(2100, 1, 1), timezones=_OFFSETS
+                    )
+                ),
+            )
+        )
+    return out
+
+
+@settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(readings=_readings())
+def test_readings_round_trip_exactly(store: Store, readings: list[Reading]) -> None:
+    """What a batch reports as stored is what was sent, and what a query returns."""
+    kiosk_id = f"rt-{uuid.uuid4().hex[:12]}"  # each example a kiosk of its own
+    result = store.write_batch(Batch(readings=[(kiosk_id, r) for r in readings]))
+
+    sent = [
+        (r.seq, r.scan_id, r.metric.value, r.value, r.unit, r.quality, r.final)
+        for r in readings
+    ]
+    reported = [
+        (s.seq, s.scan_id, s.metric, s.value, s.unit, s.quality, s.final)
+        for s in result.new_readings
+    ]
+    assert reported == sent
+    assert [s.measured_at for s in result.new_readings] == [
+        r.measured_at for r in readings
+    ]
+    stored = store.readings(kiosk_ids=[kiosk_id], limit=100)
+    assert sorted(s.id for s in stored) == [s.id for s in result.new_readings]
+    by_seq = {s.seq: s for s in stored}
+    for r in readings:
+        s = by_seq[r.seq]
+        assert (s.value, s.quality, s.final, s.scan_id) == (
+            r.value,
+            r.quality,
+            r.final,
+            r.scan_id,
+        )
+        assert s.measured_at == r.measured_at
+        assert s.measured_at.utcoffset() == ZERO
+        # The live form (orjson encodes the timestamps) says what the API says.
+        assert orjson.loads(orjson.dumps(s.live_message())) == {
+            "type": "reading",
+            **s.to_json(),
+        }
