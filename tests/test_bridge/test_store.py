@@ -100,6 +100,33 @@ def test_a_gap_another_bridge_filled_is_closed(store: Store, database_url: str) 
         other.close()
 
 
+def test_keys_another_bridge_stored_meanwhile_are_skipped(
+    store: Store, database_url: str
+) -> None:
+    """A batch this store thinks wholly new, part of it stored by another bridge."""
+    other = Store.from_url(database_url)
+    try:
+        store.write_batch(Batch(readings=[("k1", make_reading(s)) for s in range(5)]))
+        other.write_batch(
+            Batch(readings=[("k1", make_reading(s, value=50.0)) for s in range(5, 10)])
+        )
+        result = store.write_batch(
+            Batch(readings=[("k1", make_reading(s)) for s in range(5, 12)])
+        )
+        assert [r.seq for r in result.new_readings] == [10, 11]
+        assert [(r.seq, r.value) for r in result.redelivered] == [
+            (s, 50.0) for s in range(5, 10)
+        ]
+        assert (result.duplicates, result.through) == (5, {"k1": 11})
+        stored = store.readings(kiosk_ids=["k1"], limit=100)
+        assert sorted(r.seq for r in stored) == list(range(12))
+        # And the next batch, wholly new, is stored as usual.
+        result = store.write_batch(Batch(readings=[("k1", make_reading(12))]))
+        assert ([r.seq for r in result.new_readings], result.duplicates) == ([12], 0)
+    finally:
+        other.close()
+
+
 def test_kiosks_are_independent(store: Store) -> None:
     result = store.write_batch(
         Batch(
