@@ -1,8 +1,10 @@
 """MQTT ingest: validate, commit in batches, then acknowledge and confirm.
 
 Messages are validated as they arrive, while the previous batch commits, so the
-event loop parses during the database's round trip. The order inside one step is
-the delivery guarantee:
+event loop parses during the database's round trip. Batches are written by one
+writer thread, in order; a full batch waits behind the one being written, so the
+writer starts it the moment the other commits, without a round through the event
+loop. The order inside one step is the delivery guarantee:
 
 1. messages are validated; bad ones become dead letters in the same batch;
 2. the batch is committed in one transaction (duplicates are skipped by key);
@@ -21,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +76,8 @@ LIVE_LEVEL = "live"  # {root}/live/{kiosk_id}: committed data for every bridge's
 SUBSCRIBED_LEAVES = (Leaf.READINGS, Leaf.EVENTS, Leaf.STATUS, Leaf.HEARTBEAT)
 RECONNECT_MIN_SECONDS = 1
 RECONNECT_MAX_SECONDS = 10
+# Batches handed to the writer at once: one being written, one waiting behind it.
+WRITER_DEPTH = 2
 
 
 @dataclass(slots=True)
@@ -149,15 +155,22 @@ class Ingest:
         # stops sending QoS 1 messages once its in-flight window is unacknowledged.
         self._arrivals: deque[Delivery] = deque()
         self._pending = Pending()
-        self._batch_ready = asyncio.Event()
-        self._batch_full = asyncio.Event()
+        # Set when the pending batch gets its first message or fills up, and when
+        # the writer finishes a batch: what the batcher waits for.
+        self._wake = asyncio.Event()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ingest-writer")
+        self._writing = 0  # batches handed to the writer and not yet written
+        self._stopping = threading.Event()
         self._client: MqttClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._finish_task: asyncio.Task[None] | None = None
-        # Committed batches waiting for their PUBACKs, confirmations and live
-        # pushes; bounded by the broker's in-flight window like the arrivals.
-        self._committed: asyncio.Queue[tuple[Pending, BatchResult]] = asyncio.Queue()
+        # Batches handed to the writer, in order, waiting for their commit, then
+        # their PUBACKs, confirmations and live pushes; bounded by the broker's
+        # in-flight window like the arrivals.
+        self._committed: asyncio.Queue[tuple[Pending, asyncio.Future[BatchResult]]] = (
+            asyncio.Queue()
+        )
         self.connected = asyncio.Event()
         self._shared = False
         self._alert_task: asyncio.Task[None] | None = None
@@ -236,11 +249,14 @@ class Ingest:
 
     async def stop(self) -> None:
         """Stop the batcher and disconnect; unacknowledged messages are redelivered."""
+        self._stopping.set()  # a write retrying a failed commit gives up
         for task in (self._task, self._finish_task, self._alert_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        # A write under way finishes (unacknowledged: the broker redelivers it).
+        await asyncio.to_thread(self._writer.shutdown, cancel_futures=True)
         if self._client is not None:
             await self._client.stop()
 
@@ -294,24 +310,31 @@ class Ingest:
                     DeadLetterIn(d.topic, "internal validation error", d.payload)
                 )
         if pending.deliveries:
-            self._batch_ready.set()
-            if len(pending.deliveries) >= limit:
-                self._batch_full.set()
+            self._wake.set()
 
     async def _next_batch(self) -> Pending:
-        """Wait for a first message, then until the batch is full or old enough."""
-        await self._batch_ready.wait()
-        if not self._batch_full.is_set():
-            wait = self._settings.ingest.batch_max_wait_ms / 1000
-            remaining = self._pending.first_at + wait - time.monotonic()
-            if remaining > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._batch_full.wait(), remaining)
-        pending, self._pending = self._pending, Pending()
-        self._batch_ready.clear()
-        self._batch_full.clear()
-        # Whatever the size bound left behind starts the next batch, validated
-        # while this one commits (see _commit).
+        """Wait until the pending batch may go to the writer, and take it.
+
+        A full batch goes at once, to wait behind the one being written; a partial
+        one only once it is old enough and the writer is idle, so batches grow
+        while the database is busy.
+        """
+        limit = self._settings.ingest.batch_max_messages
+        max_wait = self._settings.ingest.batch_max_wait_ms / 1000
+        while True:
+            self._wake.clear()
+            pending = self._pending
+            timeout: float | None = None
+            if len(pending.deliveries) >= limit:
+                if self._writing < WRITER_DEPTH:
+                    break
+            elif pending.deliveries and not self._writing:
+                timeout = pending.first_at + max_wait - time.monotonic()
+                if timeout <= 0:
+                    break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+        self._pending = Pending()
         return pending
 
     async def _batcher(self) -> None:
@@ -319,14 +342,18 @@ class Ingest:
             pending = await self._next_batch()
             for leaf, count in pending.leaves.items():
                 self._metrics.messages.labels(leaf).inc(count)
-            result = await self._commit(pending.batch)
             # The rest happens in the finisher, in commit order, while the next
             # batch commits: the database need not wait for our PUBACKs.
-            self._committed.put_nowait((pending, result))
+            self._committed.put_nowait((pending, self._submit(pending.batch)))
+            # Whatever the size bound left behind starts the next batch, validated
+            # while this one is written.
+            self._drain()
 
     async def _finisher(self) -> None:
         while True:
-            pending, result = await self._committed.get()
+            pending, written = await self._committed.get()
+            result = await written
+            self._count(pending.batch, result)
             # Live data goes out before the confirmation, on the same connection:
             # a bridge killed in between has not confirmed, so the kiosk resends,
             # and the redelivery is pushed live again by whoever stores it.
@@ -343,7 +370,8 @@ class Ingest:
         They are stored under the same ``(kiosk_id, seq)`` key, confirmed to the
         kiosk, pushed live and evaluated for alerts.
         """
-        result = await self._commit(batch)
+        result = await self._submit(batch)
+        self._count(batch, result)
         self._publish_live(batch, result)
         if self._client is not None:
             self._confirm(result)
@@ -363,44 +391,57 @@ class Ingest:
         log.debug("kiosk %s over its ingest rate; message deferred", kiosk_id)
         return True
 
-    async def _commit(self, batch: Batch) -> BatchResult:
-        """Commit ``batch``, retrying with back-off until the database takes it."""
-        loop = asyncio.get_running_loop()
+    def _submit(self, batch: Batch) -> asyncio.Future[BatchResult]:
+        """Hand ``batch`` to the writer; the future resolves once it is committed."""
+        self._writing += 1
+        written = asyncio.wrap_future(self._writer.submit(self._write, batch))
+        written.add_done_callback(self._written)
+        return written
+
+    def _written(self, _written: asyncio.Future[BatchResult]) -> None:
+        self._writing -= 1
+        self._wake.set()
+
+    def _write(self, batch: Batch) -> BatchResult:
+        """Commit ``batch``, retrying with back-off until the database takes it.
+
+        Runs in the writer thread, one batch after the other.
+        """
         delay = 0.1
         while True:
             started = time.perf_counter()
-            committed = loop.run_in_executor(None, self._store.write_batch, batch)
-            # The database works in another thread (and process): validate what
-            # has arrived meanwhile into the next batch.
-            self._drain()
             try:
-                result = await committed
+                result = self._store.write_batch(batch)
             except StoreError as exc:
                 self._metrics.commit_failures.inc()
                 log.warning("commit failed (%s); retrying in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
+                if self._stopping.wait(delay):
+                    raise
                 delay = min(delay * 2, self._settings.ingest.retry_max_seconds)
                 continue
             self._metrics.batch_seconds.observe(time.perf_counter() - started)
-            self._metrics.readings_stored.inc(len(result.new_readings))
-            self._metrics.duplicates.inc(result.duplicates)
-            if batch.dead:
-                self._metrics.dead_letters.inc(len(batch.dead))
-                for d in batch.dead:
-                    log.warning(
-                        "dead letter on %s (kiosk %s, seq %s, %d bytes): %s",
-                        d.topic,
-                        d.kiosk_id,
-                        d.seq,
-                        len(d.payload),
-                        d.reason,
-                    )
-            log.debug(
-                "committed %d items (%d new readings)",
-                len(batch),
-                len(result.new_readings),
-            )
             return result
+
+    def _count(self, batch: Batch, result: BatchResult) -> None:
+        """Count and log what a committed batch stored and rejected."""
+        self._metrics.readings_stored.inc(len(result.new_readings))
+        self._metrics.duplicates.inc(result.duplicates)
+        if batch.dead:
+            self._metrics.dead_letters.inc(len(batch.dead))
+            for d in batch.dead:
+                log.warning(
+                    "dead letter on %s (kiosk %s, seq %s, %d bytes): %s",
+                    d.topic,
+                    d.kiosk_id,
+                    d.seq,
+                    len(d.payload),
+                    d.reason,
+                )
+        log.debug(
+            "committed %d items (%d new readings)",
+            len(batch),
+            len(result.new_readings),
+        )
 
     async def _alert_step(self, readings: Sequence[StoredReading]) -> None:
         try:
