@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from operator import itemgetter
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from sqlalchemy import (
@@ -28,7 +28,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from bridge.errors import StoreError
 from bridge.store.models import DeadLetter, Kiosk, ReadingRow, Scan, ScanEventRow
@@ -251,11 +251,26 @@ _PG_INSERT_READINGS = (
     " ON CONFLICT (kiosk_id, seq) DO NOTHING"
     " RETURNING id, kiosk_id, seq"
 )
-# When no key can be stored yet: without the speculative insertion.
-_PG_INSERT_NEW_READINGS = _PG_INSERT_READINGS.replace(
-    " ON CONFLICT (kiosk_id, seq) DO NOTHING", ""
+# When no key in a batch can be stored yet (see Store._copy_new_readings).
+_PG_ID_SEQUENCE = "SELECT pg_get_serial_sequence('readings', 'id')"
+_PG_NEXT_IDS = "SELECT nextval(%s::regclass) FROM generate_series(1, %s)"
+_PG_COPY_READINGS = (
+    "COPY readings (id, kiosk_id, seq, scan_id, metric, value, unit, quality, final,"
+    " measured_at, received_at) FROM STDIN (FORMAT BINARY)"
 )
-UNIQUE_VIOLATION = "23505"  # PostgreSQL's SQLSTATE
+_PG_COPY_TYPES = [
+    "int8",
+    "varchar",
+    "int8",
+    "varchar",
+    "varchar",
+    "float8",
+    "varchar",
+    "float8",
+    "bool",
+    "timestamptz",
+    "timestamptz",
+]
 
 
 class _KeyTakenError(Exception):
@@ -308,6 +323,7 @@ class Store:
         # MQTT and HTTP batches commit from different threads; the in-memory
         # progress must move one batch at a time.
         self._write_lock = threading.Lock()
+        self._id_sequence: str | None = None  # PostgreSQL: the readings id sequence
 
     @classmethod
     def from_url(cls, url: str) -> Store:
@@ -338,15 +354,15 @@ class Store:
                 except _KeyTakenError:
                     # Another bridge stored some of them (or this one before a
                     # restart): the transaction rolled back; skip them by key.
-                    log.debug("a plain insert hit a stored key; retrying")
+                    log.debug("a batch thought new held a stored key; redoing it")
             return self._write_batch(batch, now, plain=False)
 
     def _all_unseen(self, readings: Sequence[tuple[str, Reading]]) -> bool:
         """Tell whether no reading's key is one this store knows to be stored.
 
-        Then the insert can skip ``ON CONFLICT``'s speculative insertion (PostgreSQL
-        spends ~20 % less on the batch); a key stored by another bridge still
-        fails the unique index, and the batch is redone with ``ON CONFLICT``.
+        Then PostgreSQL can take the readings by ``COPY`` (see
+        :meth:`_copy_new_readings`); a key stored by another bridge still fails the
+        unique index, and the batch is redone with ``ON CONFLICT``.
         """
         progress = self._progress
         for kiosk_id, r in readings:
@@ -424,14 +440,14 @@ class Store:
         if len(sent) < len(readings):
             readings = [(k, r) for (k, _), r in sent.items()]
         if conn.dialect.name == "postgresql":
-            statement = _PG_INSERT_NEW_READINGS if plain else _PG_INSERT_READINGS
-            try:
-                result = conn.exec_driver_sql(statement, _pg_rows(readings, now))
-            except IntegrityError as exc:
-                if plain and getattr(exc.orig, "sqlstate", None) == UNIQUE_VIOLATION:
-                    raise _KeyTakenError from exc
-                raise
-            keys = result.cursor.fetchall()  # plain tuples, without Row objects
+            keys: Sequence[tuple[int, str, int]]
+            if plain:
+                keys = self._copy_new_readings(conn, readings, now)
+            else:
+                result = conn.exec_driver_sql(
+                    _PG_INSERT_READINGS, _pg_rows(readings, now)
+                )
+                keys = result.cursor.fetchall()  # plain tuples, without Row objects
         else:
             keys = self._insert_readings_sqlite(conn, readings, now)
         stored = []
@@ -453,6 +469,58 @@ class Store:
                 )
             )
         return stored
+
+    def _copy_new_readings(
+        self, conn: Connection, readings: Sequence[tuple[str, Reading]], now: datetime
+    ) -> list[tuple[int, str, int]]:
+        """PostgreSQL's fastest path, for readings whose keys cannot be stored yet.
+
+        Binary ``COPY`` with ids drawn from the table's sequence beforehand: no
+        per-row executor, JSON or conflict check on the server (~20 % less of its
+        CPU than the ``INSERT`` above). A key stored after all (by another bridge)
+        fails the unique index and the whole batch is redone with ``ON CONFLICT``.
+        """
+        import psycopg  # the PostgreSQL extra; SQLite-only installs lack it
+
+        if self._id_sequence is None:
+            self._id_sequence = conn.exec_driver_sql(_PG_ID_SEQUENCE).scalar_one()
+        ids = sorted(
+            row_id
+            for (row_id,) in conn.exec_driver_sql(
+                _PG_NEXT_IDS, (self._id_sequence, len(readings))
+            ).cursor.fetchall()
+        )
+        raw = cast("psycopg.Connection[Any]", conn.connection.dbapi_connection)
+        try:
+            with raw.cursor() as cursor, cursor.copy(_PG_COPY_READINGS) as copy:
+                copy.set_types(_PG_COPY_TYPES)
+                for row_id, (kiosk_id, r) in zip(ids, readings, strict=True):
+                    copy.write_row(
+                        (
+                            row_id,
+                            kiosk_id,
+                            r.seq,
+                            r.scan_id,
+                            r.metric.value,
+                            r.value,
+                            r.unit,
+                            r.quality,
+                            r.final,
+                            r.measured_at,
+                            now,
+                        )
+                    )
+        except psycopg.errors.UniqueViolation as exc:
+            raise _KeyTakenError from exc
+        except psycopg.Error as exc:
+            # Outside SQLAlchemy's own execution: tell it when the connection broke,
+            # so the pool drops it, and fail the batch as any store error does.
+            if raw.closed or raw.broken:
+                conn.invalidate(exc)
+            raise StoreError(f"batch commit failed: {type(exc).__name__}") from exc
+        return [
+            (row_id, k, r.seq) for row_id, (k, r) in zip(ids, readings, strict=True)
+        ]
 
     @staticmethod
     def _insert_readings_sqlite(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -12,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
+from bridge.errors import StoreError
 from bridge.store import Batch, DeadLetterIn, Store
 from bridge.store.db import utc
 from bridge.store.migrate import upgrade
@@ -302,22 +305,23 @@ def _readings(draw: st.DrawFn) -> list[Reading]:
 def test_readings_round_trip_exactly(store: Store, readings: list[Reading]) -> None:
     """What a batch reports as stored is what was sent, and what a query returns."""
     kiosk_id = f"rt-{uuid.uuid4().hex[:12]}"  # each example a kiosk of its own
-    result = store.write_batch(Batch(readings=[(kiosk_id, r) for r in readings]))
+    # The first batch of a kiosk the store does not know goes by INSERT ... ON
+    # CONFLICT, the next (keys surely new) by COPY on PostgreSQL: test both.
+    first = store.write_batch(Batch(readings=[(kiosk_id, readings[0])]))
+    rest = store.write_batch(Batch(readings=[(kiosk_id, r) for r in readings[1:]]))
+    new = first.new_readings + rest.new_readings
 
     sent = [
         (r.seq, r.scan_id, r.metric.value, r.value, r.unit, r.quality, r.final)
         for r in readings
     ]
     reported = [
-        (s.seq, s.scan_id, s.metric, s.value, s.unit, s.quality, s.final)
-        for s in result.new_readings
+        (s.seq, s.scan_id, s.metric, s.value, s.unit, s.quality, s.final) for s in new
     ]
     assert reported == sent
-    assert [s.measured_at for s in result.new_readings] == [
-        r.measured_at for r in readings
-    ]
+    assert [s.measured_at for s in new] == [r.measured_at for r in readings]
     stored = store.readings(kiosk_ids=[kiosk_id], limit=100)
-    assert sorted(s.id for s in stored) == [s.id for s in result.new_readings]
+    assert sorted(s.id for s in stored) == [s.id for s in new]
     by_seq = {s.seq: s for s in stored}
     for r in readings:
         s = by_seq[r.seq]
@@ -334,3 +338,61 @@ def test_readings_round_trip_exactly(store: Store, readings: list[Reading]) -> N
             "type": "reading",
             **s.to_json(),
         }
+
+
+@pytest.mark.parametrize("fault", ["lock_timeout", "backend_killed"])
+def test_a_copy_that_fails_fails_the_batch_and_the_retry_stores_it(
+    postgres_url: str, fault: str
+) -> None:
+    """The COPY path runs outside SQLAlchemy's execution: its faults must not leak.
+
+    A COPY waiting for a table lock either gives up (``lock_timeout``: the
+    connection survives) or loses its connection; either way the batch fails as a
+    :class:`StoreError`, which ingest retries, and the retry stores it.
+    """
+    import psycopg
+
+    upgrade(postgres_url)
+    plain_url = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    database = postgres_url.rsplit("/", 1)[1]
+    with psycopg.connect(plain_url, autocommit=True) as admin:
+        if fault == "lock_timeout":
+            admin.execute(f'ALTER DATABASE "{database}" SET lock_timeout = 300')
+    store = Store.from_url(postgres_url)
+    try:
+        store.write_batch(Batch(readings=[("k1", make_reading(0))]))  # kiosk known
+        batch = Batch(readings=[("k1", make_reading(s)) for s in (1, 2, 3)])
+        failure: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                store.write_batch(batch)
+            except BaseException as exc:  # handed to the test thread
+                failure.append(exc)
+
+        with (
+            psycopg.connect(plain_url, autocommit=True) as admin,
+            psycopg.connect(plain_url) as locker,
+        ):
+            locker.execute("LOCK TABLE readings IN ACCESS EXCLUSIVE MODE")
+            writer = threading.Thread(target=write)
+            writer.start()
+            if fault == "backend_killed":
+                # The batch's COPY waits for the lock; cut its connection there.
+                deadline = time.monotonic() + 10
+                pid = None
+                while pid is None and time.monotonic() < deadline:
+                    pid = admin.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE query LIKE 'COPY%%'"
+                        " AND wait_event_type = 'Lock'"
+                    ).fetchone()
+                    time.sleep(0.02)
+                assert pid is not None, "the batch never reached its COPY"
+                admin.execute("SELECT pg_terminate_backend(%s)", pid)
+            writer.join(10)
+        assert [type(e) for e in failure] == [StoreError]
+        result = store.write_batch(batch)
+        assert [r.seq for r in result.new_readings] == [1, 2, 3]
+        assert result.through == {"k1": 3}
+    finally:
+        store.close()
