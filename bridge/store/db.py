@@ -87,6 +87,11 @@ def dialect_insert(engine: Engine) -> Any:
 _ESTIMATES = {metric.value: info.estimate for metric, info in METRICS.items()}
 
 
+def _as_datetime(value: Any) -> datetime:
+    """Take a ``datetime`` as it is and parse an ISO 8601 string."""
+    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+
+
 # Not frozen: a frozen dataclass sets each field through object.__setattr__, which
 # made building one six times slower, and every commit builds thousands.
 @dataclass(slots=True)
@@ -112,7 +117,12 @@ class StoredReading:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> StoredReading:
-        """Rebuild a reading from :meth:`to_json` output (the live topic)."""
+        """Rebuild a reading from :meth:`to_json` or :meth:`live_message` output.
+
+        Hub listeners get both: this bridge's own commits as live messages (the
+        timestamps still ``datetime``), other bridges' from the live topic
+        (ISO 8601 strings).
+        """
         return cls(
             id=int(data["id"]),
             kiosk_id=str(data["kiosk_id"]),
@@ -123,8 +133,8 @@ class StoredReading:
             unit=str(data["unit"]),
             quality=float(data["quality"]),
             final=bool(data["final"]),
-            measured_at=datetime.fromisoformat(data["measured_at"]),
-            received_at=datetime.fromisoformat(data["received_at"]),
+            measured_at=_as_datetime(data["measured_at"]),
+            received_at=_as_datetime(data["received_at"]),
         )
 
     def to_json(self) -> dict[str, Any]:
