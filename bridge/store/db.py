@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
 
 from bridge.errors import StoreError
 from bridge.store.models import DeadLetter, Kiosk, ReadingRow, Scan, ScanEventRow
@@ -48,11 +49,16 @@ MAX_DEAD_LETTER_BYTES = 4096
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 
 
+# A pooled connection idle for longer than this is pinged before it is handed out.
+IDLE_PING_SECONDS = 1.0
+
+
 def make_engine(url: str) -> Engine:
-    """Create an engine; SQLite files get WAL, ``synchronous=NORMAL`` and a timeout."""
+    """Create an engine; SQLite files get WAL, ``synchronous=FULL`` and a timeout."""
     # hide_parameters: a database error's message must not carry row values
     # (readings, patient references) into the logs.
-    engine = create_engine(url, pool_pre_ping=True, hide_parameters=True)
+    engine = create_engine(url, hide_parameters=True)
+    _ping_when_idle(engine)
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
@@ -66,6 +72,32 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
     return engine
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Ping a pooled connection before use only when it sat idle a while.
+
+    ``pool_pre_ping`` pings at every checkout: a round trip per ingest batch and per
+    API query (~0.14 ms of a 0.49 ms checkout-and-query on PostgreSQL here). A
+    connection used within the last second is handed out as it is; if the server
+    dropped it meanwhile, the statement fails like any database fault (ingest
+    retries the batch, the API answers 503) and the pool replaces it.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.pop("idle_since", None)
+        if idle_since is None or time.monotonic() - idle_since < IDLE_PING_SECONDS:
+            return  # new, or used a moment ago
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            # The pool discards this connection and hands out a fresh one.
+            raise DisconnectionError("pooled connection is gone") from exc
 
 
 def utc(value: datetime) -> datetime:

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from bridge.errors import StoreError
 from bridge.store import Batch, DeadLetterIn, Store, StoredReading
-from bridge.store.db import utc
+from bridge.store.db import IDLE_PING_SECONDS, utc
 from bridge.store.migrate import upgrade
 from bridge.store.models import DeadLetter, Kiosk, Scan
 from vitals_contract import METRICS, Metric, Reading, ScanEvent, ScanState
@@ -396,5 +396,46 @@ def test_a_copy_that_fails_fails_the_batch_and_the_retry_stores_it(
         result = store.write_batch(batch)
         assert [r.seq for r in result.new_readings] == [1, 2, 3]
         assert result.through == {"k1": 3}
+    finally:
+        store.close()
+
+
+def test_only_idle_connections_are_pinged_and_a_dead_one_is_replaced(
+    postgres_url: str,
+) -> None:
+    """A connection used a moment ago goes out as it is; an idle one is checked.
+
+    The server drops the pooled connection while it idles; the next batch gets a
+    fresh connection from the ping and never sees the dead one.
+    """
+    import psycopg
+
+    upgrade(postgres_url)
+    plain_url = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    store = Store.from_url(postgres_url)
+    dialect = store.engine.dialect
+    real_ping = dialect.do_ping
+    pings: list[int] = []
+
+    def counted_ping(dbapi_conn: object) -> bool:
+        pings.append(1)
+        return bool(real_ping(dbapi_conn))
+
+    dialect.do_ping = counted_ping  # type: ignore[method-assign]
+    try:
+        store.write_batch(Batch(readings=[("k1", make_reading(0))]))
+        with store.engine.connect() as conn:
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        assert pings == []  # each checkout came straight after the last
+
+        with psycopg.connect(plain_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        time.sleep(IDLE_PING_SECONDS + 0.2)
+
+        result = store.write_batch(Batch(readings=[("k1", make_reading(1))]))
+        assert [r.seq for r in result.new_readings] == [1]
+        assert pings == [1]
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() != pid
     finally:
         store.close()
