@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
+from support import POSTGRES_ADMIN_URL
 
 from bridge.errors import StoreError
 from bridge.store import Batch, DeadLetterIn, Store, StoredReading
@@ -411,7 +412,6 @@ def test_only_idle_connections_are_pinged_and_a_dead_one_is_replaced(
     import psycopg
 
     upgrade(postgres_url)
-    plain_url = postgres_url.replace("postgresql+psycopg://", "postgresql://")
     store = Store.from_url(postgres_url)
     dialect = store.engine.dialect
     real_ping = dialect.do_ping
@@ -428,9 +428,9 @@ def test_only_idle_connections_are_pinged_and_a_dead_one_is_replaced(
             pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
         assert pings == []  # each checkout came straight after the last
 
-        with psycopg.connect(plain_url, autocommit=True) as admin:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        time.sleep(IDLE_PING_SECONDS + 0.2)
+        time.sleep(IDLE_PING_SECONDS + 0.2)  # the idling is what is under test
 
         result = store.write_batch(Batch(readings=[("k1", make_reading(1))]))
         assert [r.seq for r in result.new_readings] == [1]
